@@ -1,0 +1,231 @@
+"""Aggregator contract and registry. Pure numpy: no Ray, no torch.
+
+An aggregator is a server-side algorithm with two halves (the prepare/fold pair):
+
+- `plan(rnd, client_id, rank)` says what one sampled client starts from this round (its factors),
+  which factors it trains, which it uploads and which it was sent;
+- `aggregate(rnd, updates)` folds the clients' end-of-round factors into the new global adapter
+  and, for methods that change the frozen base, a factored base delta.
+
+Conventions (ALGORITHMS.md §1): a (r, n), b (m, r) unscaled, ΔW = s·b·a; weights p_k sum to 1 over
+the clients that completed the round. Server state lives on the instance and round-trips through
+`state_dict()` / `load_state_dict()` (numpy arrays + JSON-able metadata) for checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from raysim.lora.factors import BaseDelta, Factors, LoRAFactors
+
+AB = frozenset({"a", "b"})
+
+
+@dataclass
+class ClientPlan:
+    """What client k does this round. `start` holds its initial factors (module -> LoRAFactors)."""
+
+    start: Factors
+    train: frozenset[str] = AB       # factors trained locally
+    upload: frozenset[str] = AB      # factors sent to the server after training
+    download: frozenset[str] = AB    # factors the server sent (charged as bytes_down)
+
+
+@dataclass
+class ClientUpdate:
+    """One completed client. `factors` are its end-of-round factors, with frozen ones filled from start."""
+
+    client_id: int
+    weight: float                    # p_k, renormalised over completed clients
+    num_samples: int
+    factors: Factors
+
+
+@dataclass
+class AggregateResult:
+    base_delta: dict[str, BaseDelta] | None = None   # change of W_base this round (nn.Linear orientation)
+    deviation_rel: float | None = None               # set only when the method defines its own (§1.5)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Aggregator:
+    """Base class. Subclasses set the class attributes and implement `aggregate`."""
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+    personalized: ClassVar[bool] = False       # no single global update; deviation_rel is null
+    mixed_ranks: ClassVar[bool] = False        # accepts clients of different ranks
+    changes_base: ClassVar[bool] = False       # folds updates into the frozen base
+    uploads: ClassVar[str] = "A_k, B_k"
+    broadcasts: ClassVar[str] = "A_g, B_g"
+    comm_per_module: ClassVar[str] = "up r(m+n), down r(m+n)"
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, **params: Any):
+        self.params = self.Params(**params)
+        self.global_factors: Factors = {}
+        self.client_ranks: dict[int, int] = {}
+        self.scale_of_rank: Callable[[int], float] = lambda r: 1.0
+        self.seed = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def setup(self, init: Factors, client_ranks: dict[int, int], scale_of_rank: Callable[[int], float],
+              seed: int) -> None:
+        """init: the round-0 adapter at the maximum rank (PEFT init: a Kaiming, b = 0)."""
+        self.global_factors = {k: f.copy() for k, f in init.items()}
+        self.client_ranks = dict(client_ranks)
+        self.scale_of_rank = scale_of_rank
+        self.seed = seed
+
+    def plan(self, rnd: int, client_id: int) -> ClientPlan:
+        """Default: every client continues from the global adapter, truncated to its rank."""
+        rank = self.client_ranks[client_id]
+        return ClientPlan(start=truncate(self.global_factors, rank, self.scale_of_rank(rank)))
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement aggregate()")
+
+    def evaluation_factors(self) -> Factors:
+        """The adapter the global model is evaluated with."""
+        return self.global_factors
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(tensors, JSON metadata). Default: the global factors."""
+        tensors, meta = factors_to_tensors(self.global_factors, "global")
+        return tensors, {"global": meta}
+
+    def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.global_factors = tensors_to_factors(tensors, "global", meta["global"])
+
+    @classmethod
+    def describe(cls) -> dict[str, str]:
+        doc = (cls.__doc__ or "").strip().splitlines()
+        return {"name": cls.name, "summary": doc[0] if doc else "", "exact": "yes" if cls.exact else "no",
+                "uploads": cls.uploads, "broadcasts": cls.broadcasts, "comm_per_module": cls.comm_per_module,
+                "mixed_ranks": "yes" if cls.mixed_ranks else "no"}
+
+
+# ----------------------------------------------------------------------------- helpers for methods
+
+
+def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Σ_k w_k x_k in float64 (weights already normalised)."""
+    out = np.zeros(arrays[0].shape, dtype=np.float64)
+    for w, x in zip(weights, arrays):
+        out += w * x.astype(np.float64)
+    return out
+
+
+def truncate(factors: Factors, rank: int, scale: float) -> Factors:
+    """First `rank` slots of every module, re-expressed for a client of scale `scale` (b = b̃ / scale)."""
+    out = {}
+    for name, f in factors.items():
+        bt = f.b_tilde()[:, :rank]
+        out[name] = LoRAFactors(a=f.a[:rank].copy(), b=(bt / scale).astype(f.b.dtype), scale=scale)
+    return out
+
+
+def kaiming_a(rank: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """PEFT's default A init (kaiming_uniform_, a=√5): U(−1/√n, 1/√n), shape (rank, n), float32."""
+    bound = 1.0 / np.sqrt(n)
+    return rng.uniform(-bound, bound, size=(rank, n)).astype(np.float32)
+
+
+def factors_to_tensors(factors: Factors, prefix: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    tensors, scales = {}, {}
+    for name, f in factors.items():
+        tensors[f"{prefix}/{name}.lora_A"] = np.ascontiguousarray(f.a)
+        tensors[f"{prefix}/{name}.lora_B"] = np.ascontiguousarray(f.b)
+        if f.c is not None:
+            tensors[f"{prefix}/{name}.lora_C"] = np.ascontiguousarray(f.c)
+        scales[name] = float(f.scale)
+    return tensors, scales
+
+
+def tensors_to_factors(tensors: dict[str, np.ndarray], prefix: str, scales: dict[str, float]) -> Factors:
+    return {name: LoRAFactors(a=np.array(tensors[f"{prefix}/{name}.lora_A"]),
+                              b=np.array(tensors[f"{prefix}/{name}.lora_B"]), scale=float(s),
+                              c=(np.array(tensors[f"{prefix}/{name}.lora_C"])
+                                 if f"{prefix}/{name}.lora_C" in tensors else None))
+            for name, s in scales.items()}
+
+
+# ----------------------------------------------------------------------------- registry
+
+REGISTRY: dict[str, type[Aggregator]] = {}
+
+
+def register(name: str):
+    """Class decorator: register an aggregator under a lower-case name; duplicates are refused."""
+
+    def wrap(cls: type[Aggregator]) -> type[Aggregator]:
+        if name != name.lower() or not name.replace("_", "").isalnum():
+            raise ValueError(f"aggregator name {name!r} must be lower case letters, digits and _")
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise ValueError(f"aggregator {name!r} is already registered by {REGISTRY[name].__module__}")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _entry_point_aggregators() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="raysim.aggregators")}
+
+
+def aggregator_class(name: str) -> type[Aggregator]:
+    """Registered name, entry point (group `raysim.aggregators`) or dotted path `pkg.mod:Class`."""
+    from raysim.config import ConfigError
+
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"aggregator.name: cannot import {name!r} ({exc})") from None
+        if not (isinstance(cls, type) and issubclass(cls, Aggregator)):
+            raise ConfigError(f"aggregator.name: {name!r} is not a raysim Aggregator subclass")
+        if not cls.name:
+            cls.name = name
+        return cls
+    eps = _entry_point_aggregators()
+    if name in eps:
+        cls = eps[name].load()
+        if not cls.name:
+            cls.name = name
+        return cls
+    allowed = ", ".join(sorted(set(REGISTRY) | set(eps)))
+    raise ConfigError(f"aggregator.name: unknown aggregator {name!r}; allowed: {allowed} "
+                      "(or a dotted path pkg.module:Class)")
+
+
+def build_aggregator(name: str, params: dict[str, Any]) -> Aggregator:
+    from raysim.config import ConfigError
+
+    cls = aggregator_class(name)
+    try:
+        return cls(**params)
+    except ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msgs.append(f"aggregator.{key}: {msg} (method {name!r})")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(msgs)) from None

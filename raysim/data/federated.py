@@ -1,0 +1,108 @@
+"""The federated view of a data set: a global test split plus per-client train/test indices.
+
+Order of operations (all seeded by ``cfg.seed``):
+
+1. a stratified global test split of ``data.test_fraction`` of all examples;
+2. the remaining pool is partitioned across ``federation.num_clients`` clients with
+   ``data.partition`` (``min_samples`` applies to each client's whole partition);
+3. each client's partition is split at random into local train and local test
+   (``data.local_test_fraction``; at least one local train sample, and at least one local test
+   sample whenever the fraction is > 0 and the client holds >= 2 samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from raysim.config import ConfigError
+from raysim.data.partition import partition, stratified_sample
+from raysim.data.sources import RawData
+from raysim.data.tokenize import TokenizedData
+
+# independent random streams derived from the experiment seed
+_TEST_STREAM, _LOCAL_STREAM = 1, 2
+
+
+@dataclass
+class FederatedData:
+    """All examples plus the index sets the simulator samples from.
+
+    Attributes:
+        data: the tokenized examples, N of them.
+        test_idx: (T,) sorted int64 indices of the global held-out test split.
+        client_train: K sorted int64 index arrays, client k's local training data.
+        client_test: K sorted int64 index arrays, client k's local test data (may be empty).
+        num_labels: number of classes.
+        label_names: (num_labels,) class names.
+    """
+
+    data: TokenizedData
+    test_idx: np.ndarray
+    client_train: list[np.ndarray]
+    client_test: list[np.ndarray]
+    num_labels: int
+    label_names: list[str]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_train)
+
+    def num_samples(self) -> np.ndarray:
+        """(num_clients,) int64 local training set sizes."""
+        return np.array([len(idx) for idx in self.client_train], dtype=np.int64)
+
+
+def split_and_partition(raw: RawData, cfg) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Global test split, client partition and local test splits for ``raw``.
+
+    Args:
+        raw: the N examples (only ``raw.labels`` is used).
+        cfg: the ExperimentConfig (``seed``, ``data.test_fraction``, ``data.local_test_fraction``,
+            ``data.partition``, ``federation.num_clients``).
+
+    Returns:
+        (test_idx, client_train, client_test): sorted int64 index arrays into ``raw``; all
+        disjoint, together covering every example.
+
+    Raises:
+        ConfigError: too few examples for the test split or for the clients' ``min_samples``.
+    """
+    labels = np.asarray(raw.labels)
+    n = len(labels)
+    if n < 2:
+        raise ConfigError(f"data.source: need at least 2 examples for a test split, got {n}")
+    n_test = min(max(1, round(n * cfg.data.test_fraction)), n - 1)
+    test_idx = stratified_sample(labels, n_test, np.random.default_rng([cfg.seed, _TEST_STREAM]))
+    pool = np.setdiff1d(np.arange(n, dtype=np.int64), test_idx)
+
+    parts = partition(labels[pool], cfg.federation.num_clients, cfg.data.partition, cfg.seed)
+
+    rng = np.random.default_rng([cfg.seed, _LOCAL_STREAM])
+    client_train, client_test = [], []
+    for part in parts:
+        members = pool[part]
+        n_local_test = _local_test_size(len(members), cfg.data.local_test_fraction)
+        shuffled = rng.permutation(members)
+        client_test.append(np.sort(shuffled[:n_local_test]).astype(np.int64))
+        client_train.append(np.sort(shuffled[n_local_test:]).astype(np.int64))
+    return test_idx, client_train, client_test
+
+
+def build_federated_data(raw: RawData, tokenized: TokenizedData, cfg) -> FederatedData:
+    """Split ``raw`` with `split_and_partition` and attach the tokenized examples."""
+    if len(tokenized) != len(raw) or not np.array_equal(tokenized.labels, raw.labels):
+        raise ValueError(f"tokenized data ({len(tokenized)} examples) does not match the raw data "
+                         f"({len(raw)} examples)")
+    test_idx, client_train, client_test = split_and_partition(raw, cfg)
+    return FederatedData(data=tokenized, test_idx=test_idx, client_train=client_train,
+                         client_test=client_test, num_labels=raw.num_labels,
+                         label_names=list(raw.label_names))
+
+
+def _local_test_size(n: int, fraction: float) -> int:
+    """Local test size for a client with n samples: about n·fraction, keeping >= 1 train sample."""
+    if fraction <= 0 or n < 2:
+        return 0
+    return int(min(max(1, round(n * fraction)), n - 1))

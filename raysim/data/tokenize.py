@@ -1,0 +1,174 @@
+"""Turn RawData into fixed-length token id matrices.
+
+- Text data goes through a tokenizer: a Hugging Face fast tokenizer (padding to ``max_length``,
+  truncation) or `HashingTokenizer` (word-level hashing, for ``random:*`` models that have no
+  vocabulary). With ``cache_dir`` the result is stored as ``.npz`` keyed by the tokenizer, the
+  length and the texts, and reused on the next call.
+- Synthetic data is already tokenized; it is only padded or truncated to ``max_length``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raysim.data.sources import CLS_ID, NUM_SPECIAL_TOKENS, PAD_ID, SEP_ID, RawData
+
+BATCH_SIZE = 1024
+_WORD = re.compile(r"[^\W_]+")  # runs of letters/digits (Unicode); everything else separates
+
+
+@dataclass
+class TokenizedData:
+    """Model inputs for N examples of length L.
+
+    Attributes:
+        input_ids: (N, L) int32 token ids, padded with 0 on the right.
+        attention_mask: (N, L) int8, 1 on real tokens, 0 on padding.
+        labels: (N,) int64 class ids.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class HashingTokenizer:
+    """Vocabulary-free word-level tokenizer for randomly initialised models.
+
+    Lowercases, splits on non-alphanumerics and maps word w to ``4 + crc32(w) % (vocab_size - 4)``;
+    sequences are ``[CLS]=1 ... [SEP]=2`` padded with 0. Ids 0-3 are pad, cls, sep, unk.
+    """
+
+    def __init__(self, vocab_size: int):
+        if vocab_size <= NUM_SPECIAL_TOKENS:
+            raise ValueError(f"HashingTokenizer needs vocab_size > {NUM_SPECIAL_TOKENS} (got {vocab_size})")
+        self.vocab_size = vocab_size
+        self.name_or_path = f"hashing-tokenizer-{vocab_size}"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def word_id(self, word: str) -> int:
+        """Token id of one lowercase word."""
+        return NUM_SPECIAL_TOKENS + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - NUM_SPECIAL_TOKENS)
+
+    def __call__(self, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
+        """Encode ``texts`` to ``{"input_ids": (N, max_length) int32, "attention_mask": (N, max_length) int8}``."""
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (got {max_length})")
+        ids = np.full((len(texts), max_length), PAD_ID, dtype=np.int32)
+        mask = np.zeros((len(texts), max_length), dtype=np.int8)
+        for row, text in enumerate(texts):
+            words = _WORD.findall(text.lower())[: max_length - 2]
+            tokens = [CLS_ID, *(self.word_id(w) for w in words), SEP_ID]
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def tokenize(raw: RawData, tokenizer, max_length: int, cache_dir: Path | None = None) -> TokenizedData:
+    """Tokenize ``raw`` to (N, max_length) arrays.
+
+    Args:
+        raw: text data (``raw.texts``) or synthetic data (``raw.input_ids``).
+        tokenizer: a Hugging Face tokenizer or a `HashingTokenizer`; ignored for synthetic data.
+        max_length: tokens per example (truncation and padding).
+        cache_dir: if given, text results are cached there as ``tok-<sha256>.npz``.
+
+    Returns:
+        TokenizedData with ``input_ids`` (N, max_length) int32, ``attention_mask`` int8 and
+        ``labels`` (N,) int64.
+    """
+    labels = np.asarray(raw.labels, dtype=np.int64)
+    if raw.input_ids is not None:
+        ids, mask = _pad_or_truncate(np.asarray(raw.input_ids), max_length)
+        return TokenizedData(input_ids=ids, attention_mask=mask, labels=labels)
+    if raw.texts is None:
+        raise ValueError("RawData has neither texts nor input_ids")
+
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"tok-{cache_key(tokenizer, max_length, raw.texts)}.npz"
+        cached = _read_cache(cache_file, len(raw.texts), max_length)
+        if cached is not None:
+            return TokenizedData(input_ids=cached[0], attention_mask=cached[1], labels=labels)
+
+    ids, mask = _encode_texts(raw.texts, tokenizer, max_length)
+    if cache_file is not None:
+        _write_cache(cache_file, ids, mask)
+    return TokenizedData(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def cache_key(tokenizer, max_length: int, texts: list[str]) -> str:
+    """sha256 hex of (tokenizer name_or_path, vocabulary size, max_length, all texts)."""
+    name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", 0)
+    h = hashlib.sha256()
+    h.update(f"{type(tokenizer).__name__}\0{name}\0{vocab}\0{max_length}\0{len(texts)}\0".encode())
+    for text in texts:
+        data = text.encode("utf-8", errors="surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _encode_texts(texts: list[str], tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run the tokenizer in batches: ((N, max_length) int32 ids, (N, max_length) int8 mask)."""
+    if isinstance(tokenizer, HashingTokenizer):
+        out = tokenizer(texts, max_length)
+        return out["input_ids"], out["attention_mask"]
+    ids = np.zeros((len(texts), max_length), dtype=np.int32)
+    mask = np.zeros((len(texts), max_length), dtype=np.int8)
+    for start in range(0, len(texts), BATCH_SIZE):
+        batch = texts[start:start + BATCH_SIZE]
+        enc = tokenizer(batch, padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="np", return_attention_mask=True)
+        ids[start:start + len(batch)] = enc["input_ids"]
+        mask[start:start + len(batch)] = enc["attention_mask"]
+    return ids, mask
+
+
+def _pad_or_truncate(input_ids: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, L) unpadded ids -> (N, max_length) int32 ids and int8 mask (pad 0 on the right)."""
+    n, length = input_ids.shape
+    keep = min(length, max_length)
+    ids = np.full((n, max_length), PAD_ID, dtype=np.int32)
+    ids[:, :keep] = input_ids[:, :keep]
+    mask = np.zeros((n, max_length), dtype=np.int8)
+    mask[:, :keep] = 1
+    return ids, mask
+
+
+def _read_cache(path: Path, n: int, max_length: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Cached (ids, mask) if ``path`` holds arrays of the expected shape, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as f:
+            ids, mask = f["input_ids"], f["attention_mask"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    if ids.shape != (n, max_length) or mask.shape != (n, max_length):
+        return None
+    return ids.astype(np.int32, copy=False), mask.astype(np.int8, copy=False)
+
+
+def _write_cache(path: Path, ids: np.ndarray, mask: np.ndarray) -> None:
+    """Write atomically (temporary file + rename), so concurrent readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, input_ids=ids, attention_mask=mask)
+    os.replace(tmp, path)

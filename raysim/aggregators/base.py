@@ -229,3 +229,33 @@ def build_aggregator(name: str, params: dict[str, Any]) -> Aggregator:
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             msgs.append(f"aggregator.{key}: {msg} (method {name!r})")
         raise ConfigError("invalid config:\n  " + "\n  ".join(msgs)) from None
+
+
+# ----------------------------------------------------------------------------- helpers (added for ffa … rolora)
+
+
+def derived_rng(seed: int, *keys: int | str) -> np.random.Generator:
+    """Generator seeded from (seed, *keys), e.g. (run seed, round, client id, module name).
+
+    Strings enter through a stable CRC32 (never Python's randomised hash), so the stream depends only
+    on the keys: not on call order, process or worker.
+    """
+    import zlib
+
+    words = [int(k) % (1 << 64) if not isinstance(k, str) else zlib.crc32(k.encode()) for k in (seed, *keys)]
+    return np.random.default_rng(np.random.SeedSequence(words))
+
+
+def client_start(factors: Factors, rank: int, scale: float) -> Factors:
+    """`truncate`, except that modules whose rank and scale already match are copied bit for bit.
+
+    truncate computes b = (s_g·b_g)/s_j, which can move b by one ulp even when s_j = s_g; methods whose
+    exactness relies on a factor being identical on every client (frozen A, alternating phases) use this.
+    """
+    out = {}
+    for name, f in factors.items():
+        if f.rank == rank and float(f.scale) == float(scale) and f.c is None:
+            out[name] = f.copy()
+        else:
+            out.update(truncate({name: f}, rank, scale))
+    return out

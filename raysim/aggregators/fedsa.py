@@ -1,0 +1,103 @@
+"""FedSA-LoRA: share and average A, keep B on each client (arXiv 2410.01463)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raysim.aggregators.base import (AggregateResult, Aggregator, ClientPlan, ClientUpdate, client_start,
+                                     register, weighted_mean)
+from raysim.lora.factors import Factors, LoRAFactors, product_fro_norm
+
+ONLY_A = frozenset({"a"})
+
+
+@register("fedsa")
+class FedSA(Aggregator):
+    """FedSA-LoRA: A shared and averaged, B personal (never uploaded); personalised, no global update.
+
+    Client k's model is W0 + s·B_k·Ā. The server keeps Ā and, standing in for the client's own storage,
+    each client's trained B_k (`client_b[client_id][module]`, zeros of the client's rank until its
+    first participation); the server never modifies a B_k. `evaluation_factors()` returns the
+    simulation-only diagnostic (Ā, B̄) with B̄ = Σ p_k B̃_k / s over the participants of the last
+    round (B̄ never leaves the clients in a real deployment). Stats: broadcast drift
+    δ_k = ‖s·B_k·(Ā − A_k)‖_F / ‖s·B_k·A_k‖_F over all modules, p-weighted mean and max.
+    """
+
+    personalized = True
+    uploads = "A_k (r×n)"
+    broadcasts = "Ā"
+    comm_per_module = "up rn, down rn"
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self.client_b: dict[int, dict[str, np.ndarray]] = {}     # client id -> module -> B_k (m, r_k)
+
+    def setup(self, init, client_ranks, scale_of_rank, seed) -> None:
+        super().setup(init, client_ranks, scale_of_rank, seed)
+        self.client_b = {}
+
+    def own_b(self, client_id: int) -> dict[str, np.ndarray]:
+        """Client's stored B (unscaled, its own rank); zeros before its first participation."""
+        if client_id in self.client_b:
+            return self.client_b[client_id]
+        rank = self.client_ranks[client_id]
+        return {name: np.zeros((g.b.shape[0], rank), dtype=g.b.dtype) for name, g in self.global_factors.items()}
+
+    def plan(self, rnd: int, client_id: int) -> ClientPlan:
+        rank = self.client_ranks[client_id]
+        scale = self.scale_of_rank(rank)
+        shared = client_start(self.global_factors, rank, scale)
+        own = self.own_b(client_id)
+        start = {name: LoRAFactors(a=f.a, b=own[name].copy(), scale=scale) for name, f in shared.items()}
+        return ClientPlan(start=start, upload=ONLY_A, download=ONLY_A)
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
+        updates = sorted(updates, key=lambda u: u.client_id)      # order-independent round-off
+        weights = [u.weight for u in updates]
+        new: Factors = {}
+        for name, g in self.global_factors.items():
+            a_bar = weighted_mean([u.factors[name].a for u in updates], weights)            # Ā (r, n)
+            bt_bar = weighted_mean([u.factors[name].b_tilde() for u in updates], weights)   # diagnostic (m, r)
+            new[name] = LoRAFactors(a=a_bar.astype(g.a.dtype), b=(bt_bar / g.scale).astype(g.b.dtype),
+                                    scale=g.scale)
+        drift = {u.client_id: _broadcast_drift(u.factors, new) for u in updates}
+        for u in updates:   # the clients' own B, stored as trained (the server never changes them)
+            self.client_b[u.client_id] = {name: f.b.copy() for name, f in u.factors.items()}
+        self.global_factors = new
+        return AggregateResult(stats=_drift_stats(drift, {u.client_id: u.weight for u in updates}))
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        tensors, meta = super().state_dict()
+        meta["client_b"] = []
+        for cid, bs in sorted(self.client_b.items()):
+            for name, b in bs.items():
+                tensors[f"client/{cid}/{name}.lora_B"] = np.ascontiguousarray(b)
+            meta["client_b"].append([int(cid), list(bs)])
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, meta)
+        self.client_b = {int(cid): {name: np.array(tensors[f"client/{cid}/{name}.lora_B"]) for name in names}
+                         for cid, names in meta.get("client_b", [])}
+
+
+def _broadcast_drift(client: Factors, shared: Factors) -> float:
+    """δ_k = ‖B̃_k (Ā − A_k)‖_F / ‖B̃_k A_k‖_F, all modules together (NaN if the client's ΔW is 0)."""
+    num2 = den2 = 0.0
+    for name, f in client.items():
+        bt = f.b_tilde().astype(np.float64)
+        a = f.a.astype(np.float64)
+        num2 += product_fro_norm(bt, shared[name].a.astype(np.float64) - a) ** 2
+        den2 += product_fro_norm(bt, a) ** 2
+    return float(np.sqrt(num2 / den2)) if den2 > 1e-24 else float("nan")
+
+
+def _drift_stats(drift: dict[int, float], weight: dict[int, float]) -> dict[str, float]:
+    ok = [c for c, d in drift.items() if np.isfinite(d) and weight[c] > 0]
+    total = sum(weight[c] for c in ok)
+    if not ok or total <= 0:
+        return {"broadcast_drift_mean": float("nan"), "broadcast_drift_max": float("nan")}
+    return {"broadcast_drift_mean": float(sum(weight[c] * drift[c] for c in ok) / total),
+            "broadcast_drift_max": float(max(drift[c] for c in ok))}

@@ -1,0 +1,104 @@
+"""Small random federated problems for aggregator tests (float64, unequal weights).
+
+A "round" is simulated without a model: each sampled client gets its plan, "trains" by replacing
+the factors in `plan.train` with its start plus random noise (frozen factors stay bitwise equal to
+the start, as the coordinator fills them), and the aggregator folds the results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raysim.aggregators.base import Aggregator, ClientPlan, ClientUpdate, build_aggregator
+from raysim.lora.factors import BaseDelta, Factors, LoRAFactors, deviation
+
+SHAPES = {"layer.q": (7, 5), "layer.v": (6, 6)}      # (m, n): non-square and square
+ALPHA = 4.0
+RANK = 2
+
+
+def scale_of_rank(rank: int) -> float:
+    return ALPHA / rank
+
+
+def make_init(shapes: dict[str, tuple[int, int]], rank: int, rng: np.random.Generator,
+              dtype=np.float64, b_zero: bool = True) -> Factors:
+    """PEFT-like init of `rank`: A uniform(±1/√n), B = 0 (or random with b_zero=False)."""
+    out = {}
+    for name, (m, n) in shapes.items():
+        a = rng.uniform(-1, 1, size=(rank, n)) / np.sqrt(n)
+        b = np.zeros((m, rank)) if b_zero else rng.normal(size=(m, rank))
+        out[name] = LoRAFactors(a=a.astype(dtype), b=b.astype(dtype), scale=scale_of_rank(rank))
+    return out
+
+
+def make_aggregator(name: str, params: dict | None = None, ranks=(RANK, RANK, RANK), shapes=SHAPES,
+                    seed: int = 0, init_seed: int = 1, b_zero: bool = True) -> tuple[Aggregator, Factors]:
+    """Aggregator set up with clients 0..K−1 of the given ranks and an init at the maximum rank."""
+    init = make_init(shapes, max(ranks), np.random.default_rng(init_seed), b_zero=b_zero)
+    agg = build_aggregator(name, dict(params or {}))
+    agg.setup(init, {cid: r for cid, r in enumerate(ranks)}, scale_of_rank, seed)
+    return agg, init
+
+
+def random_weights(k: int, rng: np.random.Generator) -> np.ndarray:
+    w = rng.uniform(0.5, 2.0, size=k)
+    return w / w.sum()
+
+
+def train(plan: ClientPlan, rng: np.random.Generator, noise: float = 0.5) -> Factors:
+    """End-of-round factors: trained factors = start + N(0, noise²), frozen ones = the start (copied)."""
+    out = {}
+    for name, f in plan.start.items():
+        new = f.copy()
+        for part in plan.train:
+            x = getattr(new, part)
+            setattr(new, part, (x + noise * rng.normal(size=x.shape)).astype(x.dtype))
+        out[name] = new
+    return out
+
+
+def make_updates(agg: Aggregator, rnd: int, client_ids, weights, rng: np.random.Generator,
+                 identical: bool = False) -> list[ClientUpdate]:
+    """Plan and "train" every client; identical=True gives every client the first client's result."""
+    updates = []
+    first = None
+    for cid, w in zip(client_ids, weights):
+        factors = train(agg.plan(rnd, cid), rng)
+        if identical:
+            first = first or factors
+            factors = {name: f.copy() for name, f in first.items()}
+        updates.append(ClientUpdate(client_id=cid, weight=float(w), num_samples=10, factors=factors))
+    return updates
+
+
+def by_module(updates: list[ClientUpdate]) -> dict[str, list[tuple[float, LoRAFactors]]]:
+    """The layout `raysim.lora.factors.deviation` takes: module -> [(p_k, factors_k)]."""
+    names = updates[0].factors
+    return {name: [(u.weight, u.factors[name]) for u in updates] for name in names}
+
+
+def ideal_dense(updates: list[ClientUpdate], name: str) -> np.ndarray:
+    """ΔW* = Σ p_k s_k B_k A_k, dense float64 (m, n)."""
+    return sum(u.weight * u.factors[name].scale * (u.factors[name].b.astype(np.float64)
+                                                   @ u.factors[name].a.astype(np.float64)) for u in updates)
+
+
+def product(f: LoRAFactors) -> np.ndarray:
+    return f.scale * (f.b.astype(np.float64) @ f.a.astype(np.float64))
+
+
+def base_dense(base_delta: dict[str, BaseDelta] | None, name: str, shape: tuple[int, int]) -> np.ndarray:
+    if base_delta is None or name not in base_delta:
+        return np.zeros(shape)
+    return base_delta[name].dense()
+
+
+def deviation_rel(updates: list[ClientUpdate], agg: Aggregator, base_delta) -> float:
+    return deviation(by_module(updates), agg.evaluation_factors(), base_delta).deviation_rel
+
+
+def tolerance(factors: Factors) -> float:
+    """1e-10 for float64 globals; 1e-6 for aggregators that store float32 (fedit, fedex)."""
+    dtype = next(iter(factors.values())).a.dtype
+    return 1e-10 if dtype == np.float64 else 1e-6

@@ -1,0 +1,120 @@
+"""`raysim` command line. Config mistakes print one clear message and exit with code 2, before Ray."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from raysim.config import ConfigError  # noqa: E402
+
+EXIT_CONFIG = 2
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto or ip:port); default: "
+                   "RAY_ADDRESS inside a Ray job, else a private local instance")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own logs")
+
+
+def cmd_run(args) -> int:
+    import yaml
+
+    from raysim.config import load_config, validate_config
+    from raysim.runner import default_run_dir, prepare_data, run_experiment
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {run_dir} has no config.yaml (not a raysim run directory)")
+        if (run_dir / "summary.json").is_file():
+            raise ConfigError(f"--resume: {run_dir} already finished (summary.json exists)")
+        raw_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        cfg = validate_config(raw_cfg)
+    else:
+        if args.config is None:
+            raise ConfigError("raysim run: give a config file (or --resume DIR)")
+        cfg = load_config(args.config, args.set)
+        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+        if (run_dir / "summary.json").exists():
+            raise ConfigError(f"--out: {run_dir} already holds a finished run; choose another directory")
+    prepared = prepare_data(cfg)                 # data errors surface here, before Ray starts
+    summary = run_experiment(cfg, run_dir, address=args.address, verbose=args.verbose, resume=bool(args.resume),
+                             progress=not args.no_progress, prepared=prepared)
+    final = summary["final"]
+    acc = final.get("accuracy")
+    dev = final.get("deviation_rel")
+    print(f"done: {run_dir}  final accuracy {acc:.4f}" if acc is not None else f"done: {run_dir}", end="")
+    print(f"  deviation_rel {dev:.2e}" if dev is not None else "")
+    return 0
+
+
+def cmd_aggregators(args) -> int:
+    from raysim.aggregators import REGISTRY
+
+    for name in sorted(REGISTRY):
+        d = REGISTRY[name].describe()
+        print(f"{name:12s} {d['summary']}")
+        print(f"{'':12s}   exact: {d['exact']}   mixed ranks: {d['mixed_ranks']}   per module: {d['comm_per_module']}")
+        print(f"{'':12s}   uploads: {d['uploads']}   broadcasts: {d['broadcasts']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raysim", description="Federated LoRA fine-tuning simulator on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one simulation from a YAML config")
+    run.add_argument("config", nargs="?", help="experiment YAML")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key (dotted; value parsed as YAML); repeatable")
+    run.add_argument("--out", help="run directory (default runs/<name>-<timestamp>)")
+    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(run)
+    run.set_defaults(func=cmd_run)
+
+    aggs = sub.add_parser("aggregators", help="list registered aggregators")
+    aggs.set_defaults(func=cmd_aggregators)
+
+    for extra in _extra_commands():
+        extra(sub, _add_common)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands that live in their own modules (sweep, report, bench), if present."""
+    import importlib
+
+    found = []
+    for module in ("raysim.tune", "raysim.report", "raysim.bench"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        if hasattr(mod, "add_cli"):
+            found.append(mod.add_cli)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"raysim: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("raysim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The reference engine: one resident PEFT model, clients trained one after another.
+
+The base model is built once; for each client the engine copies its factors and head into the
+existing parameters, builds a fresh optimiser over the trainable tensors (local optimiser state is
+reset every round, ALGORITHMS.md §2.1), trains, and reads the tensors back as numpy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+
+from raysim.engines.base import ClientJob, ClientResult, EvalResult, SimulatedClientFailure, batch_schedule
+from raysim.lora.peft_io import ADAPTER, get_factors, get_head, head_parameters, lora_layers, set_factors, set_head
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+
+class DataArrays:
+    """Tokenised examples as torch views of numpy arrays (zero-copy from the object store)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], device: torch.device):
+        self.input_ids = torch.from_numpy(np.asarray(arrays["input_ids"], dtype=np.int64))           # (N, L)
+        self.attention_mask = torch.from_numpy(np.asarray(arrays["attention_mask"], dtype=np.int64))  # (N, L)
+        self.labels = torch.from_numpy(np.asarray(arrays["labels"], dtype=np.int64))                  # (N,)
+        self.device = device
+
+    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows `idx`, trimmed to the longest real sequence in the batch (padding is on the right)."""
+        t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        mask = self.attention_mask[t]
+        length = max(1, int(mask.sum(dim=1).max()))
+        return {"input_ids": self.input_ids[t, :length].to(self.device),
+                "attention_mask": mask[:, :length].to(self.device),
+                "labels": self.labels[t].to(self.device)}
+
+
+class PeftEngine:
+    def __init__(self, model, data: DataArrays, *, optimizer: str, lr: float, weight_decay: float,
+                 batch_size: int, max_grad_norm: float | None, train_head: bool, eval_batch_size: int,
+                 bf16: bool = False):
+        self.model = model
+        self.data = data
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_grad_norm = max_grad_norm
+        self.train_head = train_head
+        self.eval_batch_size = eval_batch_size
+        self.bf16 = bf16 and data.device.type == "cuda"
+        self.layers = lora_layers(model)
+        self.head = head_parameters(model)
+        for p in self.head.values():
+            p.requires_grad_(train_head)
+
+    def _autocast(self):
+        if self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _set_trainable(self, train: frozenset[str]) -> list[torch.nn.Parameter]:
+        params = []
+        for layer in self.layers.values():
+            for name, sub in (("a", layer.lora_A[ADAPTER]), ("b", layer.lora_B[ADAPTER])):
+                sub.weight.requires_grad_(name in train)
+                if name in train:
+                    params.append(sub.weight)
+        if self.train_head:
+            params.extend(self.head.values())
+        return params
+
+    def train_client(self, job: ClientJob) -> ClientResult:
+        t0 = time.perf_counter()
+        if job.sleep_s:
+            time.sleep(job.sleep_s)
+        if job.fail:
+            raise SimulatedClientFailure(f"client {job.client_id} dropped out (faults.drop_rate)")
+        set_factors(self.model, job.start)
+        set_head(self.model, job.head)
+        params = self._set_trainable(job.train)
+        opt = make_optimizer(self.optimizer_name, params, self.lr, self.weight_decay)
+        torch.manual_seed(job.seed)                                   # dropout, per client
+        self.model.train()
+        losses = []
+        for idx in batch_schedule(job.train_idx, job.steps, self.batch_size, job.seed):
+            with self._autocast():
+                loss = self.model(**self.data.batch(idx)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            opt.step()
+            losses.append(loss.detach())
+        ranks = {name: f.rank for name, f in job.start.items()}
+        result = ClientResult(client_id=job.client_id, factors=get_factors(self.model, ranks),
+                              head=get_head(self.model), num_samples=len(job.train_idx),
+                              train_loss=float(torch.stack(losses).float().mean()),
+                              train_time_s=0.0, steps=len(losses))
+        if job.test_idx is not None and len(job.test_idx):
+            ev = self.evaluate_loaded(job.test_idx)
+            result.local_accuracy, result.local_loss = ev.accuracy, ev.loss
+        result.train_time_s = time.perf_counter() - t0
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, factors, head, idx: np.ndarray) -> EvalResult:
+        set_factors(self.model, factors)
+        set_head(self.model, head)
+        return self.evaluate_loaded(idx)
+
+    @torch.no_grad()
+    def evaluate_loaded(self, idx: np.ndarray) -> EvalResult:
+        """Loss sum, correct predictions and count on rows `idx` with the currently loaded adapter."""
+        self.model.eval()
+        total = EvalResult(0.0, 0, 0)
+        for start in range(0, len(idx), self.eval_batch_size):
+            batch = self.data.batch(idx[start:start + self.eval_batch_size])
+            with self._autocast():
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+            correct = int((logits.argmax(dim=-1) == batch["labels"]).sum())
+            total = total + EvalResult(float(loss), correct, len(batch["labels"]))
+        return total

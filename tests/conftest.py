@@ -54,3 +54,9 @@ def tiny_config(**overrides):
     from raysim.config import load_config
 
     return load_config(ROOT / "experiments" / "tiny.yaml", [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(name="tiny_config", scope="session")
+def tiny_config_fixture():
+    """`tiny_config(**{"a.b": value})` as a fixture, for test modules in any folder."""
+    return tiny_config

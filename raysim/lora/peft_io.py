@@ -112,4 +112,5 @@ def fold_into_base(module: torch.nn.Module, delta: torch.Tensor | np.ndarray) ->
     if tuple(r.shape) != tuple(w.shape):
         raise ValueError(f"base delta of shape {tuple(r.shape)} does not match weight {tuple(w.shape)}")
     # accumulate in float32 at least (a bf16 base would round small residuals away)
-    w.copy_((w.float() + r.to(device=w.device, dtype=torch.float32)).to(w.dtype))
+    acc = torch.promote_types(w.dtype, torch.float32)
+    w.copy_((w.to(acc) + r.to(device=w.device, dtype=acc)).to(w.dtype))

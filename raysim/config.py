@@ -39,6 +39,7 @@ class SyntheticConfig(_Strict):
     seq_len: int = Field(32, ge=4)
     vocab_size: int = Field(1000, ge=16)
     num_labels: int = Field(4, ge=2)
+    key_fraction: float = Field(0.25, gt=0, le=1, description="share of positions holding class key tokens")
 
 
 class IIDPartition(_Strict):

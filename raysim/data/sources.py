@@ -233,8 +233,9 @@ def make_synthetic(cfg: SyntheticConfig, seed: int) -> RawData:
     """Random token sequences whose label is a learnable function of the tokens.
 
     Each example is ``[CLS] t_1 ... t_{L-2} [SEP]`` (L = ``seq_len``); labels are uniform over
-    ``num_labels``. 1-3 random content positions hold key tokens of the example's class (see
-    `synthetic_key_tokens`); the other positions hold filler tokens that are nobody's key token.
+    ``num_labels``. A ``key_fraction`` of the content positions (at least 1) hold key tokens of the
+    example's class (see `synthetic_key_tokens`); the other positions hold filler tokens that are
+    nobody's key token.
     So "which class's key tokens occur" classifies every example perfectly.
 
     Returns:
@@ -248,7 +249,7 @@ def make_synthetic(cfg: SyntheticConfig, seed: int) -> RawData:
     content = length - 2
     labels = rng.integers(0, num_labels, size=n)
     body = rng.choice(filler, size=(n, content))
-    num_keys = rng.integers(1, min(3, content) + 1, size=n)
+    num_keys = np.full(n, max(1, int(round(cfg.key_fraction * content))))
     # a random permutation rank per position; the num_keys lowest ranks become key positions
     ranks = np.argsort(np.argsort(rng.random((n, content)), axis=1), axis=1)
     is_key = ranks < num_keys[:, None]

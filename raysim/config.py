@@ -189,7 +189,8 @@ class ResourcesConfig(_Strict):
 
 class EvalConfig(_Strict):
     every: int = Field(1, ge=1, description="evaluate the global model every N rounds (and the last)")
-    personalized: bool = Field(False, description="per-client accuracy on local test splits")
+    personalized: bool = Field(False, description="per-client accuracy on local test splits "
+                               "(always on for personalised methods: fedsa, celora)")
     batch_size: int = Field(64, ge=1)
 
 

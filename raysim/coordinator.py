@@ -101,7 +101,7 @@ class CoordinatorImpl:
             if result.base_delta:
                 self._log_base_delta(rnd, result.base_delta)
             dev = self._deviation(updates, result, old_global)
-        bytes_up = sum(self._upload_numel(plans[cid]) for cid in completed)
+        bytes_up = sum(self._upload_numel(plans[cid], outcomes[cid].result) for cid in completed)
 
         # 4. evaluate the global model
         accuracy = loss = float("nan")
@@ -124,7 +124,7 @@ class CoordinatorImpl:
             "accuracy": accuracy,
             "loss": loss,
             "personalized_accuracy": (float(np.average(personal, weights=personal_w))
-                                      if personal and cfg.eval.personalized else None),
+                                      if personal and self._personal_eval() else None),
             "deviation_rel": None if dev is None else dev[0],
             "deviation_rel_round": None if dev is None else dev[1],
             "bytes_up": int(bytes_up * wire),
@@ -158,9 +158,10 @@ class CoordinatorImpl:
         fail = bool(fault_rng.random() < cfg.faults.drop_rate)
         slow = bool(fault_rng.random() < cfg.faults.slow_fraction)
         return ClientJob(client_id=cid, round=rnd, seed=seed, train_idx=train_idx,
-                         test_idx=self.client_test[cid] if self.cfg.eval.personalized else None,
+                         test_idx=self.client_test[cid] if self._personal_eval() else None,
                          start=plan.start, head=self.head, train=plan.train, steps=steps, fail=fail,
-                         sleep_s=cfg.faults.slow_client_s if slow else 0.0)
+                         sleep_s=cfg.faults.slow_client_s if slow else 0.0, lr_scale=dict(plan.lr_scale),
+                         descriptor=plan.descriptor)
 
     def _updates(self, completed: list[int], plans: dict[int, ClientPlan],
                  outcomes: dict[int, JobOutcome]) -> list[ClientUpdate]:
@@ -183,7 +184,8 @@ class CoordinatorImpl:
                     b=end.b if "b" in plans[cid].train else start.b,
                     scale=start.scale,
                     c=(end.c if "c" in plans[cid].train else start.c) if start.c is not None else None)
-            updates.append(ClientUpdate(cid, float(w), outcomes[cid].result.num_samples, factors))
+            updates.append(ClientUpdate(cid, float(w), outcomes[cid].result.num_samples, factors,
+                                        descriptor=outcomes[cid].result.descriptor))
         return updates
 
     def _average_head(self, updates: list[ClientUpdate], outcomes: dict[int, JobOutcome]) -> dict[str, np.ndarray]:
@@ -214,7 +216,8 @@ class CoordinatorImpl:
 
     def _download_numel(self, cid: int, plan: ClientPlan) -> int:
         """Factors sent + head + base catch-up min(m·n, Σ missed factored changes); marks the client synced."""
-        numel = sum(f.numel(tuple(plan.download)) for f in plan.start.values()) + self._head_numel()
+        numel = (sum(f.numel(tuple(plan.download)) for f in plan.start.values()) + self._head_numel()
+                 + plan.extra_download)
         missed: dict[str, int] = {}
         for version, sizes in self.base_sizes:
             if version > self.last_sync[cid]:
@@ -227,8 +230,14 @@ class CoordinatorImpl:
             self.last_sync[cid] = self.base_sizes[-1][0]
         return numel
 
-    def _upload_numel(self, plan: ClientPlan) -> int:
-        return sum(f.numel(tuple(plan.upload)) for f in plan.start.values()) + self._head_numel()
+    def _upload_numel(self, plan: ClientPlan, result=None) -> int:
+        """Uploaded factors + head + a data descriptor if this result carries one (sent once, CE-LoRA)."""
+        descriptor = 0 if result is None or result.descriptor is None else int(np.size(result.descriptor))
+        return sum(f.numel(tuple(plan.upload)) for f in plan.start.values()) + self._head_numel() + descriptor
+
+    def _personal_eval(self) -> bool:
+        """Per-client evaluation on local test splits: eval.personalized, always on for personalised methods."""
+        return self.cfg.eval.personalized or self.aggregator.personalized
 
     def _client_rows(self, rnd, sampled, plans, outcomes: dict[int, JobOutcome], wire: int) -> list[dict]:
         rows = []
@@ -240,7 +249,7 @@ class CoordinatorImpl:
                 "num_samples": int(len(self.client_train[cid])),
                 "train_loss": r.train_loss if r else None,
                 "train_time_s": r.train_time_s if r else None,
-                "bytes_up": int(self._upload_numel(plans[cid]) * wire) if r else 0,
+                "bytes_up": int(self._upload_numel(plans[cid], r) * wire) if r else 0,
                 "local_accuracy": r.local_accuracy if r else None,
                 "status": o.status,
             })
@@ -257,6 +266,8 @@ class CoordinatorImpl:
                 for key in sorted(plans[u.client_id].upload):
                     tensors[f"{name}.{short[key]}"] = np.ascontiguousarray(getattr(f, key), dtype=np.float32)
                 scales[name] = f.scale
+            if u.descriptor is not None:            # CE-LoRA's one-off data descriptor
+                tensors["descriptor"] = np.ascontiguousarray(u.descriptor, dtype=np.float32)
             out.uploads[u.client_id] = tensors
             uniq = set(scales.values())
             out.upload_meta[u.client_id] = {"weight": repr(u.weight),
@@ -265,6 +276,8 @@ class CoordinatorImpl:
         for name, f in self.aggregator.global_factors.items():
             glob[f"{name}.lora_A"] = np.ascontiguousarray(f.a, dtype=np.float32)
             glob[f"{name}.lora_B"] = np.ascontiguousarray(f.b, dtype=np.float32)
+            if f.c is not None:
+                glob[f"{name}.lora_C"] = np.ascontiguousarray(f.c, dtype=np.float32)
         if self.aggregator.changes_base:
             for name, delta in self.cumulative_base_delta().items():
                 glob[f"{name}.base_delta"] = delta.astype(np.float32)

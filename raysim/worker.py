@@ -29,6 +29,7 @@ class ClientWorkerImpl:
 
         self.cfg = ExperimentConfig.model_validate(cfg)
         self.index = index
+        self.num_labels = num_labels
         threads = max(1, int(self.cfg.resources.cpus_per_worker))
         torch.set_num_threads(threads)
         use_cuda = gpu_fraction > 0 and torch.cuda.is_available()
@@ -59,6 +60,7 @@ class ClientWorkerImpl:
 
         t = self.cfg.train
         data = DataArrays(arrays, self.device)
+        self.labels = np.asarray(arrays["labels"])
         self.engine = PeftEngine(self.model, data, optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
                                  batch_size=t.batch_size, max_grad_norm=t.max_grad_norm,
                                  train_head=self.cfg.lora.train_head, eval_batch_size=self.cfg.eval.batch_size,
@@ -87,6 +89,10 @@ class ClientWorkerImpl:
         for job in jobs:
             result = self.engine.train_client(job)
             result.worker = self.index
+            if job.descriptor:          # CE-LoRA: the client's label histogram, computed where its data is
+                from raysim.aggregators.celora import label_descriptor
+
+                result.descriptor = label_descriptor(self.labels[np.asarray(job.train_idx)], self.num_labels)
             results.append(result)
         return results
 
@@ -98,9 +104,10 @@ class ClientWorkerImpl:
         import tempfile
         from pathlib import Path
 
+        from raysim.lora.factors import fold_core
         from raysim.lora.peft_io import set_factors, set_head
 
-        set_factors(self.model, factors)
+        set_factors(self.model, fold_core(factors))     # a tri-matrix core is saved folded into B
         set_head(self.model, head)
         self.model.peft_config["default"].base_model_name_or_path = base_model_name
         with tempfile.TemporaryDirectory() as d:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from raysim.aggregators import fedex, fedit, fedsa, ffa, flexlora, flora, lora_fair, rolora  # noqa: F401  (registration side effects)
+from raysim.aggregators import (celora, fedex, fedit, fedsa, ffa, flexlora, flora, lora_fair,  # noqa: F401
+                                rolora)  # (registration side effects)
 from raysim.aggregators.base import REGISTRY, Aggregator, aggregator_class, build_aggregator, register
 
 if TYPE_CHECKING:

@@ -34,6 +34,9 @@ class ClientPlan:
     train: frozenset[str] = AB       # factors trained locally
     upload: frozenset[str] = AB      # factors sent to the server after training
     download: frozenset[str] = AB    # factors the server sent (charged as bytes_down)
+    lr_scale: dict[str, float] = field(default_factory=dict)   # factor -> learning-rate multiplier (1.0)
+    descriptor: bool = False         # ask for the client's data descriptor (one-off upload, CE-LoRA)
+    extra_download: int = 0          # one-off scalars sent with this plan (e.g. a shared seed), §1.7
 
 
 @dataclass
@@ -44,6 +47,7 @@ class ClientUpdate:
     weight: float                    # p_k, renormalised over completed clients
     num_samples: int
     factors: Factors
+    descriptor: np.ndarray | None = None   # data descriptor, sent once if the plan asked for it
 
 
 @dataclass

@@ -28,6 +28,8 @@ class ClientJob:
     steps: int
     fail: bool = False                         # fault injection: the client drops out
     sleep_s: float = 0.0                       # fault injection: a slow client
+    lr_scale: dict[str, float] = field(default_factory=dict)   # factor ("a", "b", "c") -> lr multiplier (1.0)
+    descriptor: bool = False                   # also return the client's data descriptor (CE-LoRA)
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ClientResult:
     local_loss: float | None = None
     worker: int = -1
     extra: dict[str, float] = field(default_factory=dict)
+    descriptor: np.ndarray | None = None       # normalised label histogram, when the job asked for it
 
 
 @dataclass

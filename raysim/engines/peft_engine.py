@@ -15,9 +15,10 @@ import torch
 
 from raysim.engines.base import ClientJob, ClientResult, EvalResult, SimulatedClientFailure, batch_schedule
 from raysim.lora.peft_io import ADAPTER, get_factors, get_head, head_parameters, lora_layers, set_factors, set_head
+from raysim.lora.tri import factor_parameters
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+def make_optimizer(name: str, params: list[torch.nn.Parameter] | list[dict], lr: float, weight_decay: float):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adam":
@@ -68,16 +69,23 @@ class PeftEngine:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _set_trainable(self, train: frozenset[str]) -> list[torch.nn.Parameter]:
-        params = []
+    def _set_trainable(self, train: frozenset[str], lr_scale: dict[str, float] | None = None
+                       ) -> tuple[list[torch.nn.Parameter], list[dict]]:
+        """(trainable tensors in model order, optimiser param groups): one group per trained factor
+        ("a", "b", and "c" when a tri-matrix core is loaded) at lr × lr_scale[factor] (default 1),
+        and the head at lr."""
+        params, groups = [], {}
         for layer in self.layers.values():
-            for name, sub in (("a", layer.lora_A[ADAPTER]), ("b", layer.lora_B[ADAPTER])):
-                sub.weight.requires_grad_(name in train)
+            for name, p in factor_parameters(layer, ADAPTER).items():
+                p.requires_grad_(name in train)
                 if name in train:
-                    params.append(sub.weight)
+                    params.append(p)
+                    groups.setdefault(name, []).append(p)
         if self.train_head:
             params.extend(self.head.values())
-        return params
+            groups["head"] = list(self.head.values())
+        scale = lr_scale or {}
+        return params, [{"params": ps, "lr": self.lr * float(scale.get(name, 1.0))} for name, ps in groups.items()]
 
     def train_client(self, job: ClientJob) -> ClientResult:
         t0 = time.perf_counter()
@@ -87,8 +95,8 @@ class PeftEngine:
             raise SimulatedClientFailure(f"client {job.client_id} dropped out (faults.drop_rate)")
         set_factors(self.model, job.start)
         set_head(self.model, job.head)
-        params = self._set_trainable(job.train)
-        opt = make_optimizer(self.optimizer_name, params, self.lr, self.weight_decay)
+        params, groups = self._set_trainable(job.train, job.lr_scale)
+        opt = make_optimizer(self.optimizer_name, groups, self.lr, self.weight_decay)
         torch.manual_seed(job.seed)                                   # dropout, per client
         self.model.train()
         losses = []

@@ -59,6 +59,12 @@ class LoRAFactors:
 Factors = dict[str, LoRAFactors]
 
 
+def fold_core(factors: Factors) -> Factors:
+    """Tri-matrix factors as plain LoRA factors with the same ΔW: b ← b·c, c dropped (export, evaluation)."""
+    return {name: f if f.c is None else LoRAFactors(a=f.a, b=(f.b @ f.c).astype(f.b.dtype), scale=f.scale)
+            for name, f in factors.items()}
+
+
 @dataclass
 class BaseDelta:
     """Factored change of one module's frozen weight: ΔW_base = u @ v, u (m, q), v (q, n)."""

@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from raysim.lora.factors import Factors, LoRAFactors
+from raysim.lora.tri import get_core, set_core
 
 ADAPTER = "default"
 PREFIX = "base_model.model."
@@ -59,7 +60,7 @@ def get_factors(model: PeftModel, ranks: dict[str, int] | None = None) -> Factor
         b = layer.lora_B[ADAPTER].weight                     # (m, r_max)
         r = a.shape[0] if ranks is None else ranks[name]
         out[name] = LoRAFactors(a=a[:r].float().cpu().numpy().copy(), b=b[:, :r].float().cpu().numpy().copy(),
-                                scale=float(layer.scaling[ADAPTER]))
+                                scale=float(layer.scaling[ADAPTER]), c=get_core(layer, r, ADAPTER))
     return out
 
 
@@ -78,6 +79,7 @@ def set_factors(model: PeftModel, factors: Factors) -> None:
         b.zero_()
         a[:r].copy_(torch.from_numpy(np.ascontiguousarray(f.a, dtype=np.float32)))
         b[:, :r].copy_(torch.from_numpy(np.ascontiguousarray(f.b, dtype=np.float32)))
+        set_core(layer, f.c, ADAPTER)                # tri-matrix core C (CE-LoRA), removed when f.c is None
         layer.scaling[ADAPTER] = float(f.scale)
 
 

@@ -85,7 +85,9 @@ def ideal_dense(updates: list[ClientUpdate], name: str) -> np.ndarray:
 
 
 def product(f: LoRAFactors) -> np.ndarray:
-    return f.scale * (f.b.astype(np.float64) @ f.a.astype(np.float64))
+    """ΔW = s·B·A (s·B·C·A for tri-matrix factors), float64."""
+    b = f.b.astype(np.float64) if f.c is None else f.b.astype(np.float64) @ f.c.astype(np.float64)
+    return f.scale * (b @ f.a.astype(np.float64))
 
 
 def base_dense(base_delta: dict[str, BaseDelta] | None, name: str, shape: tuple[int, int]) -> np.ndarray:

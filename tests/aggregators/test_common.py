@@ -16,6 +16,7 @@ from .helpers import (SHAPES, base_dense, deviation_rel, make_aggregator, make_u
 
 NAMES = sorted(REGISTRY)
 REPARAMETRISING = {"flora", "flexlora"}    # return the same product in other factors (fresh / SVD)
+LOCAL_FRAME = {"celora"}    # A_k, B_k stay on the clients: the global model is the shared frame with C̄
 
 
 def assert_same_plan(p1, p2, exact: bool = True, rtol: float = 1e-12):
@@ -58,7 +59,8 @@ def test_plan_is_well_formed(name):
     for rnd in (1, 2):
         for cid, rank in agg.client_ranks.items():
             plan = agg.plan(rnd, cid)
-            assert plan.train <= AB and plan.upload <= AB and plan.download <= AB
+            factors = AB | ({"c"} if any(f.c is not None for f in plan.start.values()) else set())
+            assert plan.train <= factors and plan.upload <= factors and plan.download <= factors
             assert plan.upload <= plan.train
             assert set(plan.start) == set(SHAPES)
             for mod, (m, n) in SHAPES.items():
@@ -75,6 +77,11 @@ def test_identical_clients_keep_their_adapter_and_deviate_zero(name):
         updates = make_updates(agg, rnd, [0, 1, 2], random_weights(3, rng), rng, identical=True)
         result = agg.aggregate(rnd, updates)
         tol = tolerance(agg.evaluation_factors())
+        if name in LOCAL_FRAME:        # each participant continues from exactly its own adapter
+            for u in updates:
+                for mod, f in agg.plan(rnd + 1, u.client_id).start.items():
+                    np.testing.assert_allclose(product(f), product(u.factors[mod]), rtol=tol, atol=tol)
+            continue
         assert deviation_rel(updates, agg, result.base_delta) < tol
         if result.deviation_rel is not None:
             assert result.deviation_rel < tol

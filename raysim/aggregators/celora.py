@@ -1,0 +1,214 @@
+"""CE-LoRA: tri-matrix B·C·A, only C shared, personalised similarity-weighted mixing (arXiv 2503.23869).
+
+The paper publishes no server handler; everything below is raysim's specification (ALGORITHMS.md §2.11 ◆).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from raysim.aggregators.base import (AggregateResult, Aggregator, ClientPlan, ClientUpdate, derived_rng,
+                                     kaiming_a, register, weighted_mean)
+from raysim.lora.factors import Factors, LoRAFactors, fold_core
+
+ONLY_C = frozenset({"c"})
+ABC = frozenset({"a", "b", "c"})
+
+
+class CELoRAParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tau: float = Field(5.0, ge=0, description="softmax temperature τ; 0 = uniform averaging")
+    beta: float = Field(0.5, ge=0, le=1, description="mix β of data similarity vs parameter similarity")
+    train_ab: bool = Field(True, description="train the client-local A, B (false: frozen shared frame)")
+    ab_lr_scale: float = Field(0.1, gt=0, description="learning rate of A and B relative to C")
+    prior: Literal["none", "samples"] = Field("none", description="'samples' adds log p_j to z_kj")
+    descriptor_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on each descriptor")
+
+
+def label_descriptor(labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """d_k: the normalised histogram of a client's training labels, (num_labels,) float32."""
+    hist = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)[:num_labels].astype(np.float64)
+    total = hist.sum()
+    return (hist / total if total > 0 else hist).astype(np.float32)
+
+
+def cosine_matrix(rows: list[np.ndarray | None]) -> np.ndarray:
+    """cos(x_k, x_j) for all pairs, float64; a missing or zero row has similarity 0 with everything."""
+    k = len(rows)
+    dim = next((r.size for r in rows if r is not None), 0)
+    x = np.zeros((k, dim))
+    for i, r in enumerate(rows):
+        if r is not None:
+            x[i] = np.asarray(r, dtype=np.float64).ravel()
+    norms = np.linalg.norm(x, axis=1)
+    x = np.divide(x, norms[:, None], out=np.zeros_like(x), where=norms[:, None] > 0)
+    return x @ x.T
+
+
+def personal_weights(descriptors: list[np.ndarray | None], deltas: list[np.ndarray], tau: float, beta: float,
+                     log_prior: np.ndarray | None = None) -> np.ndarray:
+    """W (K, K), rows summing to 1: w_kj = softmax_j τ(β cos(d_k, d_j) + (1−β) cos(ΔC_k, ΔC_j)) [+ log p_j]."""
+    z = beta * cosine_matrix(descriptors) if beta > 0 else np.zeros((len(deltas), len(deltas)))
+    if beta < 1:
+        z = z + (1.0 - beta) * cosine_matrix(list(deltas))
+    z = tau * z
+    if log_prior is not None:
+        z = z + np.asarray(log_prior, dtype=np.float64)[None, :]
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@register("celora")
+class CELoRA(Aggregator):
+    """CE-LoRA: ΔW = s·B·C·A with A, B local and only C (r×r) sent; the server mixes C per client.
+
+    Init (◆): A, B of every module drawn once from the run seed, identical on all clients (A Kaiming
+    fan-in n, B Kaiming fan-in r), C = 0, so C has a gradient at step 0 (with PEFT's B = 0 it never
+    would). Each round a sampled client k starts from its own A_k, B_k (kept by the server standing
+    in for the client's storage, `client_ab`; the shared frame before it first trains) and its
+    personalised C_k (`client_c`, 0 at first), trains C at lr and A, B at `ab_lr_scale`·lr (or only
+    C with `train_ab: false`), and uploads C only (plus, once, its label-histogram descriptor d_k).
+    The server forms ΔC_k = C_k(after) − C_k(sent) and, over the clients that completed,
+    w_kj = softmax_j τ(β cos(d_k, d_j) + (1−β) cos(ΔC_k, ΔC_j)) (+ log p_j with `prior: samples`),
+    C_k ← Σ_j w_kj C_j. A client of weight p_j = 0 is never mixed into others (w_kj = 0). Clients
+    not sampled keep their stored C_k. The global model (evaluation and the exported adapter) is the
+    shared frame with the non-personalised average C̄ = Σ p_j C_j of the last round (p_j as set by
+    federation.weighting), exported with C folded into B. Stats: mean self-weight w_kk, mean row
+    entropy / log K (1 = uniform), and the number of descriptors received (each reveals a client's
+    label distribution: the privacy cost).
+    """
+
+    personalized = True
+    uploads = "C_k (r×r); once: label histogram d_k"
+    broadcasts = "personalised C_k"
+    comm_per_module = "up r², down r² (+ descriptor once)"
+    Params = CELoRAParams
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self.frame: dict[str, tuple[np.ndarray, np.ndarray]] = {}       # module -> shared (A, B)
+        self.client_c: dict[int, dict[str, np.ndarray]] = {}            # personalised C_k
+        self.client_ab: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}   # local (A_k, B_k)
+        self.descriptors: dict[int, np.ndarray] = {}
+        self.last_weights: np.ndarray | None = None                      # W of the last round
+        self.last_clients: list[int] = []
+
+    def setup(self, init, client_ranks, scale_of_rank, seed) -> None:
+        super().setup(init, client_ranks, scale_of_rank, seed)
+        ranks = set(client_ranks.values())
+        if len(ranks) != 1:
+            raise ValueError("celora needs one rank for all clients")
+        r = ranks.pop()
+        scale = scale_of_rank(r)
+        self.frame, self.global_factors = {}, {}
+        for name, f in init.items():
+            m, n = f.shape
+            rng = derived_rng(seed, "celora-frame", name)
+            a = kaiming_a(r, n, rng).astype(f.a.dtype)               # U(±1/√n), fan-in n
+            b = kaiming_a(m, r, rng).astype(f.a.dtype)               # U(±1/√r), fan-in r
+            self.frame[name] = (a, b)
+            self.global_factors[name] = LoRAFactors(a=a, b=b, scale=scale, c=np.zeros((r, r), dtype=f.a.dtype))
+        self.client_c, self.client_ab, self.descriptors = {}, {}, {}
+
+    # -- per-client state ------------------------------------------------------------------------------
+
+    def own_c(self, client_id: int) -> dict[str, np.ndarray]:
+        """The client's personalised C_k (0 before its first completed round)."""
+        if client_id in self.client_c:
+            return self.client_c[client_id]
+        return {name: np.zeros_like(g.c) for name, g in self.global_factors.items()}
+
+    def own_ab(self, client_id: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return self.client_ab.get(client_id, self.frame)
+
+    def plan(self, rnd: int, client_id: int) -> ClientPlan:
+        scale = self.global_factors[next(iter(self.global_factors))].scale
+        c, ab = self.own_c(client_id), self.own_ab(client_id)
+        start = {name: LoRAFactors(a=ab[name][0].copy(), b=ab[name][1].copy(), scale=scale, c=c[name].copy())
+                 for name in self.global_factors}
+        p = self.params
+        first = client_id not in self.client_c
+        return ClientPlan(start=start, train=ABC if p.train_ab else ONLY_C, upload=ONLY_C, download=ONLY_C,
+                          lr_scale={"a": p.ab_lr_scale, "b": p.ab_lr_scale},
+                          descriptor=client_id not in self.descriptors,
+                          extra_download=1 if first else 0)     # the frame's shared seed, once
+
+    # -- server ------------------------------------------------------------------------------------------
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
+        p = self.params
+        updates = sorted(updates, key=lambda u: u.client_id)
+        names = list(self.global_factors)
+        received = 0
+        for u in updates:
+            if u.descriptor is not None and u.client_id not in self.descriptors:
+                d = np.asarray(u.descriptor, dtype=np.float64)
+                if p.descriptor_noise > 0:     # simulates noise the client adds before sending
+                    d = d + p.descriptor_noise * derived_rng(self.seed, "celora-descriptor", u.client_id).normal(
+                        size=d.shape)
+                self.descriptors[u.client_id] = d
+                received += 1
+        after = [{name: u.factors[name].c for name in names} for u in updates]
+        deltas = [np.concatenate([(c[name].astype(np.float64) - self.own_c(u.client_id)[name]).ravel()
+                                  for name in names]) for u, c in zip(updates, after)]
+        pw = np.array([u.weight for u in updates])
+        # log p_j with `prior: samples`; a client of weight 0 is never mixed into others (ALGORITHMS.md §4)
+        with np.errstate(divide="ignore"):
+            prior = np.log(pw) if p.prior == "samples" else np.where(pw > 0, 0.0, -np.inf)
+        w = personal_weights([self.descriptors.get(u.client_id) for u in updates], deltas, p.tau, p.beta, prior)
+        for k, u in enumerate(updates):
+            dtype = self.global_factors[names[0]].c.dtype
+            self.client_c[u.client_id] = {name: weighted_mean([c[name] for c in after], list(w[k])).astype(dtype)
+                                          for name in names}
+            if p.train_ab:
+                self.client_ab[u.client_id] = {name: (u.factors[name].a.copy(), u.factors[name].b.copy())
+                                               for name in names}
+        for name, g in self.global_factors.items():
+            g.c = weighted_mean([c[name] for c in after], list(pw)).astype(g.c.dtype)   # C̄, plain p-average
+        self.last_weights, self.last_clients = w, [u.client_id for u in updates]
+        return AggregateResult(stats=_weight_stats(w) | {"descriptors_received": float(received)})
+
+    def evaluation_factors(self) -> Factors:
+        """The shared frame with C̄, as plain LoRA factors (b ← b·C̄): the same ΔW, exportable by PEFT."""
+        return fold_core(self.global_factors)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        tensors, meta = super().state_dict()
+        for cid, cs in self.client_c.items():
+            for name, c in cs.items():
+                tensors[f"client/{cid}/{name}.lora_C"] = np.ascontiguousarray(c)
+        for cid, abs_ in self.client_ab.items():
+            for name, (a, b) in abs_.items():
+                tensors[f"client/{cid}/{name}.lora_A"] = np.ascontiguousarray(a)
+                tensors[f"client/{cid}/{name}.lora_B"] = np.ascontiguousarray(b)
+        for cid, d in self.descriptors.items():
+            tensors[f"descriptor/{cid}"] = np.ascontiguousarray(d)
+        meta["celora"] = {"client_c": sorted(int(c) for c in self.client_c),
+                          "client_ab": sorted(int(c) for c in self.client_ab),
+                          "descriptors": sorted(int(c) for c in self.descriptors),
+                          "modules": list(self.global_factors)}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, meta)
+        cm = meta["celora"]
+        names = cm["modules"]
+        self.client_c = {cid: {n: np.array(tensors[f"client/{cid}/{n}.lora_C"]) for n in names}
+                         for cid in cm["client_c"]}
+        self.client_ab = {cid: {n: (np.array(tensors[f"client/{cid}/{n}.lora_A"]),
+                                    np.array(tensors[f"client/{cid}/{n}.lora_B"])) for n in names}
+                          for cid in cm["client_ab"]}
+        self.descriptors = {cid: np.array(tensors[f"descriptor/{cid}"]) for cid in cm["descriptors"]}
+
+
+def _weight_stats(w: np.ndarray) -> dict[str, float]:
+    k = w.shape[0]
+    entropy = -np.sum(w * np.log(np.clip(w, 1e-300, None)), axis=1)
+    return {"self_weight_mean": float(np.mean(np.diag(w))),
+            "weight_entropy_rel": float(np.mean(entropy) / np.log(k)) if k > 1 else 1.0}

@@ -1,8 +1,9 @@
 """WorkerPool: creates ClientWorker actors and dispatches client jobs to them.
 
 Dispatch keeps every worker busy and the slowest one short: jobs are sorted by cost (largest
-first) and each goes to the worker with the least outstanding work, with up to two jobs in flight
-per worker so the next one is queued before the current one finishes. Every wait has a deadline.
+first) and each goes to the worker with the least outstanding work, with up to two tasks in flight
+per worker so the next one is queued before the current one finishes. With the cohort engine a task
+is a cohort: clients of similar cost grouped up to `resources.cohort_size`. Every wait has a deadline.
 A job whose worker died or raised is retried on another worker; a dead worker is replaced.
 """
 
@@ -103,15 +104,46 @@ class WorkerPool:
 
     # -- training ---------------------------------------------------------------------------------------
 
+    def _cost(self, job: ClientJob) -> float:
+        """Examples passed through the model: steps × rows per batch."""
+        return float(job.steps * min(len(job.train_idx), int(self.cfg_dict["train"]["batch_size"])))
+
+    def _tasks(self, jobs: list[ClientJob]) -> list[list[ClientJob]]:
+        """One job per task (peft engine) or cohorts of up to `resources.cohort_size` clients of similar
+        cost (cohort engine), as many cohorts as a multiple of the live workers so none idles."""
+        order = sorted(jobs, key=lambda j: (-self._cost(j), j.client_id))
+        res = self.cfg_dict.get("resources", {})
+        if res.get("engine", "peft") != "cohort" or len(order) <= 1:
+            return [[j] for j in order]
+        live = max(1, sum(s.alive for s in self.slots))
+        size = max(1, int(res.get("cohort_size", 8)))
+        n = -(-len(order) // size)
+        n = min(len(order), -(-n // live) * live)
+        return [list(part) for part in np.array_split(np.array(order, dtype=object), n) if len(part)]
+
     def run_jobs(self, jobs: list[ClientJob], deadline_s: float, max_retries: int,
                  kill_after_submit: bool = False) -> dict[int, JobOutcome]:
-        """Train every job; returns client id -> outcome. Never blocks past `deadline_s`."""
+        """Train every job; returns client id -> outcome. Never blocks past `deadline_s`.
+
+        A task is one job (peft engine) or a cohort (cohort engine); a task that fails as a whole is
+        retried on another worker, a single failed job of a cohort (e.g. out of GPU memory even alone)
+        alone.
+        """
+        from raysim.worker import ClientFailure
+
         deadline = time.monotonic() + deadline_s
-        queue = sorted(((j, 0, -1) for j in jobs), key=lambda t: (-len(t[0].train_idx) * t[0].steps, t[0].client_id))
+        queue = [(task, 0, -1) for task in self._tasks(jobs)]
         outcomes: dict[int, JobOutcome] = {}
-        in_flight: dict[Any, tuple[_Slot, ClientJob, int]] = {}
+        in_flight: dict[Any, tuple[_Slot, list[ClientJob], int]] = {}
         load = {s.index: 0.0 for s in self.slots}
         killed = False
+
+        def retry_or_fail(task, attempt, slot, error):
+            if attempt < max_retries:
+                queue.append((task, attempt + 1, slot.index))
+            else:
+                for job in task:
+                    outcomes[job.client_id] = JobOutcome("failed", worker=slot.index, error=error)
 
         while queue or in_flight:
             queue = self._submit(queue, in_flight, load)
@@ -125,48 +157,53 @@ class WorkerPool:
             if not ready:
                 break                                            # deadline: the rest are stragglers
             for ref in ready:
-                slot, job, attempt = in_flight.pop(ref)
-                load[slot.index] = load.get(slot.index, 0.0) - len(job.train_idx) * job.steps
+                slot, task, attempt = in_flight.pop(ref)
+                load[slot.index] = load.get(slot.index, 0.0) - sum(self._cost(j) for j in task)
                 try:
-                    [result] = ray.get(ref)
-                    outcomes[job.client_id] = JobOutcome("ok", result, slot.index)
+                    results = ray.get(ref)
                 except RayTaskError as exc:
-                    if isinstance(exc.cause, SimulatedClientFailure):
-                        outcomes[job.client_id] = JobOutcome("failed", worker=slot.index, error=str(exc.cause))
-                    elif attempt < max_retries:
-                        queue.append((job, attempt + 1, slot.index))
+                    if isinstance(exc.cause, SimulatedClientFailure) and len(task) == 1:
+                        outcomes[task[0].client_id] = JobOutcome("failed", worker=slot.index, error=str(exc.cause))
                     else:
-                        outcomes[job.client_id] = JobOutcome("failed", worker=slot.index, error=str(exc.cause))
+                        retry_or_fail(task, attempt, slot, str(exc.cause))
+                    continue
                 except RayActorError as exc:
                     if slot.alive:
                         self._replace(slot)
-                    if attempt < max_retries:
-                        queue.append((job, attempt + 1, slot.index))
+                    retry_or_fail(task, attempt, slot, type(exc).__name__)
+                    continue
+                for job, result in zip(task, results):
+                    if not isinstance(result, ClientFailure):
+                        outcomes[job.client_id] = JobOutcome("ok", result, slot.index)
+                    elif result.retryable:
+                        retry_or_fail([job], attempt, slot, result.error)
                     else:
-                        outcomes[job.client_id] = JobOutcome("failed", worker=slot.index, error=type(exc).__name__)
-        for slot, job, _ in in_flight.values():
-            outcomes[job.client_id] = JobOutcome("straggler", worker=slot.index)
-        for job, _, _ in queue:
-            outcomes[job.client_id] = JobOutcome("straggler")
+                        outcomes[job.client_id] = JobOutcome("failed", worker=slot.index, error=result.error)
+        for slot, task, _ in in_flight.values():
+            for job in task:
+                outcomes[job.client_id] = JobOutcome("straggler", worker=slot.index)
+        for task, _, _ in queue:
+            for job in task:
+                outcomes[job.client_id] = JobOutcome("straggler")
         return outcomes
 
     def _submit(self, queue, in_flight, load):
-        """Send queued jobs to the least-loaded live workers (at most IN_FLIGHT_PER_WORKER each)."""
+        """Send queued tasks to the least-loaded live workers (at most IN_FLIGHT_PER_WORKER each)."""
         waiting = []
-        for job, attempt, avoid in queue:
+        for task, attempt, avoid in queue:
             busy = {}
             for s, _, _ in in_flight.values():
                 busy[s.index] = busy.get(s.index, 0) + 1
             live = [s for s in self.slots if s.alive and busy.get(s.index, 0) < IN_FLIGHT_PER_WORKER]
             others = [s for s in live if s.index != avoid] or live
             if not others:
-                waiting.append((job, attempt, avoid))
+                waiting.append((task, attempt, avoid))
                 continue
             slot = min(others, key=lambda s: (load.get(s.index, 0.0), s.index))
             self._sync(slot)
-            ref = slot.handle.train.remote([job])
-            in_flight[ref] = (slot, job, attempt)
-            load[slot.index] = load.get(slot.index, 0.0) + len(job.train_idx) * job.steps
+            ref = slot.handle.train.remote(task)
+            in_flight[ref] = (slot, task, attempt)
+            load[slot.index] = load.get(slot.index, 0.0) + sum(self._cost(j) for j in task)
         return waiting
 
     # -- evaluation -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ applied first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -17,6 +18,20 @@ import numpy as np
 import ray
 
 from raysim.engines.base import ClientJob, ClientResult, EvalResult
+
+
+@dataclasses.dataclass
+class ClientFailure:
+    """One job of a cohort task that did not finish (the others in the task did).
+
+    simulated: fault injection (faults.drop_rate), never retried; retryable: e.g. out of GPU memory
+    even alone, worth another try on another worker.
+    """
+
+    client_id: int
+    error: str
+    simulated: bool = False
+    retryable: bool = False
 
 
 class ClientWorkerImpl:
@@ -65,6 +80,20 @@ class ClientWorkerImpl:
                                  batch_size=t.batch_size, max_grad_norm=t.max_grad_norm,
                                  train_head=self.cfg.lora.train_head, eval_batch_size=self.cfg.eval.batch_size,
                                  bf16=self.cfg.model.dtype == "bfloat16")
+        self.cohort = None
+        if self.cfg.resources.engine == "cohort":
+            from raysim.engines.cohort import CohortEngine
+
+            try:
+                self.cohort = CohortEngine(self.model, data, optimizer=t.optimizer, lr=t.lr,
+                                           weight_decay=t.weight_decay, batch_size=t.batch_size,
+                                           max_grad_norm=t.max_grad_norm, train_head=self.cfg.lora.train_head,
+                                           eval_batch_size=self.cfg.eval.batch_size,
+                                           bf16=self.cfg.model.dtype == "bfloat16", peft=self.engine)
+            except NotImplementedError as exc:        # a model the stacked layers cannot hold: PEFT engine
+                import warnings
+
+                warnings.warn(f"resources.engine: cohort unavailable ({exc}); using the peft engine")
         return os.getpid()
 
     def sync_base(self, deltas: list[tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]]) -> int:
@@ -84,17 +113,68 @@ class ClientWorkerImpl:
 
     # -- work -------------------------------------------------------------------------------------------
 
-    def train(self, jobs: list[ClientJob]) -> list[ClientResult]:
-        results = []
-        for job in jobs:
-            result = self.engine.train_client(job)
+    def train(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:
+        """Train the jobs; with the cohort engine together (see `_train_cohort`), else one by one."""
+        if getattr(self, "cohort", None) is not None:
+            results = self._train_cohort(jobs)
+        else:
+            results = [self.engine.train_client(job) for job in jobs]
+        for job, result in zip(jobs, results):
+            if isinstance(result, ClientFailure):
+                continue
             result.worker = self.index
             if job.descriptor:          # CE-LoRA: the client's label histogram, computed where its data is
                 from raysim.aggregators.celora import label_descriptor
 
                 result.descriptor = label_descriptor(self.labels[np.asarray(job.train_idx)], self.num_labels)
-            results.append(result)
         return results
+
+    def _train_cohort(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:
+        """A cohort task: per-job outcomes, so one dropped client does not fail the others.
+
+        Fault injection: `fail` jobs are reported as simulated failures; the cohort waits for its
+        slowest `sleep_s`. Jobs with a tri-matrix core (CE-LoRA) go through the PEFT engine.
+        """
+        from raysim.engines.cohort import UnsupportedJob
+
+        out: dict[int, ClientResult | ClientFailure] = {}
+        for job in jobs:
+            if job.fail:
+                out[job.client_id] = ClientFailure(job.client_id, f"client {job.client_id} dropped out "
+                                                   "(faults.drop_rate)", simulated=True)
+        live = [j for j in jobs if not j.fail]
+        if live and max(j.sleep_s for j in live) > 0:
+            time.sleep(max(j.sleep_s for j in live))
+        tri = {j.client_id for j in live if any(f.c is not None for f in j.start.values())}
+        stacked = [j for j in live if j.client_id not in tri]
+        for job in live:
+            if job.client_id in tri:
+                out[job.client_id] = self.engine.train_client(dataclasses.replace(job, sleep_s=0.0))
+        try:
+            results = self._train_split(stacked)
+        except UnsupportedJob:
+            results = [self.engine.train_client(dataclasses.replace(j, sleep_s=0.0)) for j in stacked]
+        out.update({r.client_id: r for r in results})
+        return [out[job.client_id] for job in jobs]
+
+    def _train_split(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:
+        """Train a cohort; on CUDA out-of-memory split it in halves and retry (never fatal to the run)."""
+        import torch
+
+        if not jobs:
+            return []
+        try:
+            return self.cohort.train_cohort(jobs)
+        except torch.cuda.OutOfMemoryError as exc:
+            error = f"out of GPU memory: {exc}".splitlines()[0]
+        # outside the except block: the failed attempt's tensors are unreachable now
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.oom_splits = getattr(self, "oom_splits", 0) + 1
+        if len(jobs) == 1:
+            return [ClientFailure(jobs[0].client_id, error, retryable=True)]
+        half = len(jobs) // 2
+        return self._train_split(jobs[:half]) + self._train_split(jobs[half:])
 
     def evaluate(self, factors, head, idx: np.ndarray) -> EvalResult:
         return self.engine.evaluate(factors, head, np.asarray(idx))

@@ -33,6 +33,7 @@ per-factor learning-rate multipliers (`ClientJob.lr_scale`) are trained as separ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -131,6 +132,12 @@ class CohortEngine:
             groups[(frozenset(job.train), scale)].append(i)
         results: list[ClientResult | None] = [None] * len(jobs)
         for idxs in groups.values():
+            if len(idxs) == 1 and self.device.type == "cpu":
+                # one client gains nothing from stacking; on CPU the PEFT path is the same computation
+                # (same dropout masks), minus the stacking overhead
+                job = dataclasses.replace(jobs[idxs[0]], fail=False, sleep_s=0.0)
+                results[idxs[0]] = self.peft.train_client(job)
+                continue
             for i, res in zip(idxs, self._train_group([jobs[i] for i in idxs])):
                 results[i] = res
         return results

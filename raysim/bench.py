@@ -518,6 +518,13 @@ def format_table(out: dict[str, Any]) -> str:
 
 def cmd_bench(args) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.workload == "aggregators":
+        from raysim.aggbench import format_aggregator_table, time_aggregators
+
+        rows = time_aggregators(num_clients=args.clients or 100)
+        print(format_aggregator_table(rows))
+        _write_json(args.json, {"workload": "aggregators", "rows": rows})
+        return 0
     if args.workload == "scale-10k":
         out = run_scale(rounds=args.rounds, clients=args.clients, log=log)
         print(json.dumps(out["peak_rss_mib"], indent=2))
@@ -550,9 +557,10 @@ def _json_default(v):
 
 def add_cli(subparsers, add_common) -> None:
     p = subparsers.add_parser("bench", help="throughput of the training engines (client-steps/s), JSON + table")
-    p.add_argument("--workload", choices=sorted(WORKLOADS) + ["scale-10k"], default="tiny",
-                   help="tiny (CPU), minilm, bert-base (GPU); DESIGN.md §8; scale-10k: 10,000 clients, "
-                        "100 per round, peak RSS of driver and coordinator")
+    p.add_argument("--workload", choices=sorted(WORKLOADS) + ["scale-10k", "aggregators"],
+                   default="tiny", help="tiny (CPU), minilm, bert-base (GPU); DESIGN.md §8; scale-10k: 10,000 "
+                   "clients, 100 per round, peak RSS of driver and coordinator; aggregators: server seconds "
+                   "per round of every aggregator for 100 clients of a BERT-base adapter (r=16, q/v, 12 layers)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--ks", help="comma-separated cohort sizes to measure (default per workload)")
     p.add_argument("--e2e-engines", help="comma-separated engines for the end-to-end runs (default peft,cohort)")

@@ -763,7 +763,7 @@ def run_sweep(spec: SweepSpec | None, sweep_dir: str | Path, *, resume: bool = F
                                    failure_config=tune.FailureConfig(max_failures=spec.max_failures)))
         if not quiet:
             print(f"[sweep] {spec.name}: {spec.num_trials()} trials -> {sweep_dir}", flush=True)
-        with _quiet_tune_logs(verbose):
+        with _quiet_tune_logs(verbose), _own_signal_handlers():
             tuner.fit()
         table = trials_table(spec, tune_path, trials_dir)
         write_trials(table, sweep_dir)
@@ -786,6 +786,23 @@ def _tune_config(spec: SweepSpec):
             grace_period=spec.scheduler["grace_period"], reduction_factor=spec.scheduler["reduction_factor"])
     return tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, num_samples=spec.num_samples,
                            max_concurrent_trials=spec.max_concurrent_trials, trial_dirname_creator=trial_dirname)
+
+
+class _own_signal_handlers:
+    """Tune installs SIGINT/SIGUSR1 handlers for its run and leaves them behind; put ours back afterwards."""
+
+    def __enter__(self):
+        self.saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+                if sig is not None:
+                    self.saved[sig] = signal.getsignal(sig)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        return False
 
 
 class _quiet_tune_logs:

@@ -157,9 +157,20 @@ def test_stop_after_trials_sends_tunes_interrupt_signal_once(monkeypatch, tmp_pa
 
 # ----------------------------------------------------------------------------------------- with Ray
 
+def _idle_sigusr1(*_):
+    """SIGUSR1 handler outside Tune's run: a signal that arrives late must not end the test process."""
+
+
+@pytest.fixture
+def tune_interrupt():
+    previous = signal.signal(signal.SIGUSR1, _idle_sigusr1)
+    yield interrupt_when
+    signal.signal(signal.SIGUSR1, previous)
+
+
 def interrupt_when(condition, timeout_s: float = 600) -> tuple[threading.Thread, threading.Event]:
     """A watcher thread that sends this process Tune's interrupt signal (SIGUSR1, handled like Ctrl+C)
-    once `condition()` holds while Tune is running."""
+    once `condition()` holds while Tune's handler is installed (during `fit`)."""
     fired = threading.Event()
 
     def watch():
@@ -169,7 +180,7 @@ def interrupt_when(condition, timeout_s: float = 600) -> tuple[threading.Thread,
                 ready = condition()
             except Exception:  # noqa: BLE001 - files not there yet or being rewritten
                 ready = False
-            if ready and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
+            if ready and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None, _idle_sigusr1):
                 fired.set()
                 os.kill(os.getpid(), signal.SIGUSR1)
                 return
@@ -181,7 +192,8 @@ def interrupt_when(condition, timeout_s: float = 600) -> tuple[threading.Thread,
 
 
 @pytest.mark.ray
-def test_grid_sweep_interrupted_mid_trial_resumes_without_redoing_finished_work(ray_local, tmp_path):
+def test_grid_sweep_interrupted_mid_trial_resumes_without_redoing_finished_work(ray_local, tune_interrupt,
+                                                                               tmp_path):
     """2×2 grid, 4 trials × 2 nested workers, 2 at a time. Interrupted (as by Ctrl+C) once two trials are
     done and a third is mid-run; the resumed sweep keeps the finished trials and the third one's rounds."""
     rounds = 6
@@ -198,10 +210,12 @@ def test_grid_sweep_interrupted_mid_trial_resumes_without_redoing_finished_work(
         mid = [d for d in runs if d not in done and 2 <= len(pd.read_parquet(d / "rounds.parquet")) <= 3]
         return len(done) >= 2 and bool(mid)
 
-    watcher, fired = interrupt_when(two_done_and_one_mid_run)
+    sigint = signal.getsignal(signal.SIGINT)
+    watcher, fired = tune_interrupt(two_done_and_one_mid_run)
     first = run_sweep(spec, out, quiet=True)
     watcher.join(timeout=5)
     assert fired.is_set(), "the sweep finished before it could be interrupted"
+    assert signal.getsignal(signal.SIGINT) is sigint              # Tune's Ctrl+C handler does not outlive it
     status = dict(zip(first["trial"], first["status"]))
     assert 2 <= list(status.values()).count("completed") < 4, status
     assert "unfinished" in status.values() and set(status.values()) <= {"completed", "unfinished", "pending"}

@@ -93,10 +93,7 @@ class RunWriter:
                       str(adapter / "base_delta.safetensors"))
 
     def write_summary(self, cfg_dict: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-        import ray
-        import torch
-        import transformers
-        import peft
+        from importlib.metadata import version
 
         accs = [(r["accuracy"], r["round"]) for r in self.rounds if r["accuracy"] is not None
                 and not np.isnan(r["accuracy"])]
@@ -118,8 +115,8 @@ class RunWriter:
             "max_deviation_rel": max(devs) if devs else None,
             "wall_s": last.get("wall_s"),
             "resources": cfg_dict["resources"],
-            "versions": {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__, "peft": peft.__version__},
+            "versions": {"python": platform.python_version(),
+                         **{pkg: version(pkg) for pkg in ("ray", "torch", "transformers", "peft", "raysim")}},
             **extra,
         }
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

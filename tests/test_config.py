@@ -47,13 +47,21 @@ def test_bad_values_name_the_key(override, key):
         load_config(TINY, [override])
 
 
-def _cli(tmp_path, capsys, *extra):
-    import ray
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if the CLI gets as far as starting (or joining) Ray."""
+    import raysim.runner
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("a config error must be caught before Ray starts")
+
+    monkeypatch.setattr(raysim.runner, "start_ray", refuse)
+
+
+def _cli(tmp_path, capsys, *extra):
     out = tmp_path / "run"
     rc = main(["run", str(TINY), "--out", str(out), "--no-progress", *extra])
     err = capsys.readouterr().err
-    assert not ray.is_initialized(), "a config error must be caught before Ray starts"
     assert not (out / "summary.json").exists()
     return rc, err
 
@@ -65,7 +73,7 @@ def _cli(tmp_path, capsys, *extra):
     (["--set", "data.source=csv:/no/such/file.csv"], "data.source: file not found"),
     (["--set", "model.name=/no/such/model"], "model.name"),
 ])
-def test_cli_exits_2_with_one_clear_message(tmp_path, capsys, extra, needle):
+def test_cli_exits_2_with_one_clear_message(tmp_path, capsys, no_ray, extra, needle):
     rc, err = _cli(tmp_path, capsys, *extra)
     assert rc == 2
     assert needle in err
@@ -73,7 +81,7 @@ def test_cli_exits_2_with_one_clear_message(tmp_path, capsys, extra, needle):
     assert err.count("raysim: error:") == 1
 
 
-def test_cli_rejects_a_missing_label_column(tmp_path, capsys):
+def test_cli_rejects_a_missing_label_column(tmp_path, capsys, no_ray):
     csv = tmp_path / "d.csv"
     csv.write_text("text,label\n" + "".join(f"doc number {i},{i % 2}\n" for i in range(40)))
     rc, err = _cli(tmp_path, capsys, "--set", f"data.source=csv:{csv}", "--set", "data.label_column=topic",
@@ -81,7 +89,7 @@ def test_cli_rejects_a_missing_label_column(tmp_path, capsys):
     assert rc == 2 and "data.label_column" in err and "topic" in err
 
 
-def test_cli_rejects_more_clients_than_samples(tmp_path, capsys):
+def test_cli_rejects_more_clients_than_samples(tmp_path, capsys, no_ray):
     rc, err = _cli(tmp_path, capsys, "--set", "data.synthetic.num_examples=40", "--set",
                    "federation.num_clients=30", "--set", "federation.clients_per_round=3")
     assert rc == 2 and "federation.num_clients" in err

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,15 @@ PartitionConfig = Annotated[
 ]
 
 
+class LabelNoiseConfig(_Strict):
+    """Label noise for data-quality experiments (raysim.data.noise): a seeded `fraction_clients` of the
+    clients get each TRAIN label flipped to a uniformly random other class with probability `flip_prob`;
+    the global and local test splits keep their true labels."""
+
+    fraction_clients: float = Field(0.0, ge=0, le=1, description="share of clients with noisy labels")
+    flip_prob: float = Field(0.0, ge=0, le=1, description="per-example flip probability on those clients")
+
+
 class DataConfig(_Strict):
     source: str = Field("embedded:bbc-news", description="embedded:bbc-news, parquet:PATH, csv:PATH, "
                         "jsonl:PATH, hf-disk:PATH or synthetic:text-cls")
@@ -81,6 +91,8 @@ class DataConfig(_Strict):
     max_examples: int | None = Field(None, ge=2, description="use at most this many examples (stratified)")
     partition: PartitionConfig = Field(default_factory=lambda: DirichletPartition(scheme="dirichlet"))
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    label_noise: LabelNoiseConfig | None = Field(None, description="{fraction_clients, flip_prob}: noisy "
+                                                 "train labels on some clients")
 
     @field_validator("source")
     @classmethod
@@ -122,13 +134,12 @@ class TrainConfig(_Strict):
     max_grad_norm: float | None = Field(None, gt=0, description="per-client gradient clipping")
 
 
-class RankTiers(_Strict):
-    scheme: Literal["tiers"]
+class _RankFractions(_Strict):
     ranks: list[int]
     fractions: list[float]
 
     @model_validator(mode="after")
-    def _check(self) -> "RankTiers":
+    def _check(self) -> "_RankFractions":
         if not self.ranks or len(self.ranks) != len(self.fractions):
             raise ValueError("lora.rank.ranks and lora.rank.fractions must be non-empty and of equal length")
         if any(r <= 0 for r in self.ranks):
@@ -138,8 +149,59 @@ class RankTiers(_Strict):
         return self
 
 
+class RankTiers(_RankFractions):
+    """Exact counts round(fraction·N) per rank, given to a seeded random permutation of the clients."""
+
+    scheme: Literal["tiers"]
+
+
+class RankByDataSize(_RankFractions):
+    """Tiers by client size: the largest clients get the highest rank (counts as for `tiers`)."""
+
+    scheme: Literal["by_data_size"]
+
+
+class RankByQuality(_Strict):
+    """ranks [low, high]: a `high_fraction` of the clients gets the high rank, high-quality ones first.
+
+    With `data.label_noise` the high-quality clients are the clean ones (see raysim.ranks.assign_ranks).
+    """
+
+    scheme: Literal["by_quality"]
+    ranks: list[int]
+    high_fraction: float = Field(0.1, ge=0, le=1, description="share of clients with the high rank")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RankByQuality":
+        if len(self.ranks) != 2 or any(r <= 0 for r in self.ranks) or self.ranks[0] > self.ranks[1]:
+            raise ValueError(f"lora.rank.ranks must be [low, high] with 1 <= low <= high (got {self.ranks})")
+        return self
+
+
+def _rank_kind(v: Any) -> str | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return "int"
+    if isinstance(v, list):
+        return "list"
+    if isinstance(v, dict):
+        return v.get("scheme") if isinstance(v.get("scheme"), str) else None
+    return getattr(v, "scheme", None)
+
+
+RankSpec = Annotated[
+    Union[Annotated[int, Tag("int")], Annotated[list[int], Tag("list")], Annotated[RankTiers, Tag("tiers")],
+          Annotated[RankByQuality, Tag("by_quality")], Annotated[RankByDataSize, Tag("by_data_size")]],
+    Discriminator(_rank_kind, custom_error_type="rank_scheme",
+                  custom_error_message="expected an int, a per-client list of ints or {scheme: ...} with "
+                                       "scheme one of: tiers, by_quality, by_data_size"),
+]
+
+
 class LoRAConfig(_Strict):
-    rank: int | RankTiers | list[int] = Field(8, description="int, {scheme: tiers, ...} or a per-client list")
+    rank: RankSpec = Field(8, description="int, a per-client list, or {scheme: tiers | by_quality | "
+                           "by_data_size, ...}")
     alpha: float = Field(16, gt=0, description="scale s = alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
@@ -272,7 +334,8 @@ def _format_error(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union")))
         # drop discriminator tags such as 'dirichlet' that pydantic inserts into the location
         parts = [p for p in loc.split(".") if p not in ("iid", "dirichlet", "shards", "quantity_skew",
-                                                         "int", "list[int]", "RankTiers")]
+                                                         "int", "list[int]", "RankTiers", "list", "tiers",
+                                                         "by_quality", "by_data_size")]
         key = ".".join(parts) or "<root>"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

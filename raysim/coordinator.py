@@ -22,7 +22,8 @@ from raysim.config import ExperimentConfig
 from raysim.engines.base import ClientJob
 from raysim.lora.factors import BaseDelta, Factors, LoRAFactors, deviation, normalise_weights
 from raysim.pool import JobOutcome, WorkerPool
-from raysim.ranks import assign_ranks, scale_for
+from raysim.data.noise import apply_label_noise
+from raysim.ranks import assign_ranks, check_ranks_fit, scale_for
 from raysim.sampling import ClientSampler, derive_seed
 
 
@@ -61,13 +62,18 @@ class CoordinatorImpl:
         # workers start building their models now; tokenisation runs meanwhile, here
         self.pool = WorkerPool(cfg_dict, self.num_labels, cfg.resources.num_workers,
                                cfg.resources.cpus_per_worker, gpus_per_worker)
-        self.pool.attach_data(ray.put(tokenize_for_model(raw, cfg)))
+        arrays = tokenize_for_model(raw, cfg)
+        # data.label_noise: noisy training labels of some clients (test rows keep their true labels)
+        arrays["labels"], noisy = apply_label_noise(arrays["labels"], self.client_train, cfg, self.num_labels)
+        self.noisy = {int(c) for c in noisy}
+        self.pool.attach_data(ray.put(arrays))
         self.sampler = ClientSampler(cfg.federation.num_clients, cfg.federation.clients_per_round, cfg.seed)
-        self.ranks = assign_ranks(cfg)
+        self.ranks = assign_ranks(cfg, [len(t) for t in self.client_train])
         self.scale_of_rank = scale_for(cfg)
         self.aggregator = resolve_aggregator(cfg.aggregator.name, cfg.aggregator.params(), cfg)
         init_factors, self.head = self.pool.call_first("initial_state")
         self.module_shapes = {k: f.shape for k, f in init_factors.items()}
+        check_ranks_fit(cfg, self.module_shapes)              # before any training
         self.aggregator.setup(init_factors, self.ranks, self.scale_of_rank, cfg.seed)
         self.last_sync = {c: 0 for c in range(cfg.federation.num_clients)}   # base version each client holds
         self.base_sizes: list[tuple[int, dict[str, int]]] = []               # (version, numel per module)
@@ -245,7 +251,9 @@ class CoordinatorImpl:
             o = outcomes[cid]
             r = o.result
             rows.append({
-                "round": rnd, "client_id": cid, "worker": o.worker, "rank": self.ranks[cid],
+                "round": rnd, "client_id": cid, "worker": o.worker,
+                "rank": next((f.rank for f in plans[cid].start.values()), self.ranks[cid]),
+                "noisy": cid in self.noisy,
                 "num_samples": int(len(self.client_train[cid])),
                 "train_loss": r.train_loss if r else None,
                 "train_time_s": r.train_time_s if r else None,

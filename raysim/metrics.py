@@ -30,6 +30,7 @@ CLIENT_SCHEMA = pa.schema([
     ("round", pa.int64()), ("client_id", pa.int64()), ("worker", pa.int64()), ("rank", pa.int64()),
     ("num_samples", pa.int64()), ("train_loss", pa.float64()), ("train_time_s", pa.float64()),
     ("bytes_up", pa.int64()), ("local_accuracy", pa.float64()), ("status", pa.string()),
+    ("noisy", pa.bool_()),
 ])
 
 

@@ -1,32 +1,79 @@
-"""Per-client LoRA ranks from `lora.rank` (an int, a per-client list, or a heterogeneity spec)."""
+"""Per-client LoRA ranks from `lora.rank` (an int, a per-client list, or a heterogeneity spec), the
+scale each rank uses, and the check that no rank exceeds what the target modules can hold."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
-from raysim.config import ExperimentConfig, RankTiers
+from raysim.config import ConfigError, ExperimentConfig, RankByDataSize, RankByQuality, RankTiers
 from raysim.sampling import derive_seed
 
+_TIER_STREAM, _QUALITY_STREAM = 0x7A2C, 0x7A2D
 
-def assign_ranks(cfg: ExperimentConfig) -> dict[int, int]:
-    """client id -> rank. Tiers: exact counts round(fraction·N) (remainder to the first tier),
-    assigned to a seeded random permutation of the clients."""
+
+def tier_counts(fractions: list[float], n: int) -> list[int]:
+    """Exact counts round(fraction·N) per tier, the remainder (±) going to the first tier."""
+    counts = [int(round(f * n)) for f in fractions]
+    counts[0] += n - sum(counts)
+    return counts
+
+
+def assign_ranks(cfg: ExperimentConfig, num_samples: list[int] | np.ndarray | None = None) -> dict[int, int]:
+    """client id -> rank.
+
+    - int: every client; list: rank of client k is list[k].
+    - tiers: counts `tier_counts(fractions, N)`, given in tier order to a seeded random permutation.
+    - by_data_size: same counts; clients sorted by training-set size (largest first, ties by id) get
+      the ranks from the highest down. Needs `num_samples` (client k's training-set size).
+    - by_quality {ranks: [low, high], high_fraction}: round(high_fraction·N) clients get `high`, the
+      rest `low`. With `data.label_noise` the clean clients (the high-quality ones, see
+      raysim.data.noise.noisy_clients) are chosen first, in seeded random order, and noisy clients
+      only when there are fewer clean clients than high-rank slots. Without label noise there is no
+      quality signal: the high-rank clients are a seeded random choice.
+    """
     n = cfg.federation.num_clients
     spec = cfg.lora.rank
     if isinstance(spec, int):
         return {c: spec for c in range(n)}
     if isinstance(spec, list):
         return {c: int(r) for c, r in enumerate(spec)}
+    if isinstance(spec, RankByQuality):
+        return _by_quality(cfg, spec)
+    if isinstance(spec, RankByDataSize):
+        if num_samples is None or len(num_samples) != n:
+            raise ValueError("lora.rank {scheme: by_data_size} needs the training-set size of every client")
+        order = sorted(range(n), key=lambda c: (-int(num_samples[c]), c))
+        tiers = sorted(zip(spec.ranks, tier_counts(spec.fractions, n)), key=lambda t: -t[0])
+        return _fill(order, tiers)
     assert isinstance(spec, RankTiers)
-    counts = [int(round(f * n)) for f in spec.fractions]
-    counts[0] += n - sum(counts)
-    order = np.random.default_rng(derive_seed(cfg.seed, 0x7A2C)).permutation(n)
+    order = np.random.default_rng(derive_seed(cfg.seed, _TIER_STREAM)).permutation(n)
+    return _fill(order, list(zip(spec.ranks, tier_counts(spec.fractions, n))))
+
+
+def _fill(order, tiers: list[tuple[int, int]]) -> dict[int, int]:
     ranks, pos = {}, 0
-    for rank, count in zip(spec.ranks, counts):
+    for rank, count in tiers:
         for c in order[pos:pos + count]:
             ranks[int(c)] = int(rank)
         pos += count
     return ranks
+
+
+def _by_quality(cfg: ExperimentConfig, spec: RankByQuality) -> dict[int, int]:
+    from raysim.data.noise import noisy_clients
+
+    n = cfg.federation.num_clients
+    low, high = spec.ranks
+    n_high = int(round(spec.high_fraction * n))
+    rng = np.random.default_rng(derive_seed(cfg.seed, _QUALITY_STREAM))
+    noisy = set(noisy_clients(cfg).tolist())
+    clean = [c for c in range(n) if c not in noisy]
+    dirty = sorted(noisy)
+    order = [int(c) for c in rng.permutation(clean)] + [int(c) for c in rng.permutation(dirty)]
+    return _fill(order, [(high, n_high), (low, n - n_high)])
 
 
 def scale_for(cfg: ExperimentConfig):
@@ -37,3 +84,49 @@ def scale_for(cfg: ExperimentConfig):
         return lambda r: alpha / r
     r_max = cfg.lora.max_rank()
     return lambda r: alpha / r_max
+
+
+# ----------------------------------------------------------------------------- rank ≤ min(m, n)
+
+
+def known_min_dim(model_name: str) -> int | None:
+    """min(m, n) of a BERT-style model's adapted Linear layers, without loading weights.
+
+    Every Linear of a BERT encoder (query/key/value, attention and FFN dense, pooler) has the hidden
+    size as its smaller side (intermediate_size ≥ hidden_size). random:* archs read RANDOM_ARCHS,
+    the embedded MiniLM and local HF directories their config.json (hidden_size, d_model or n_embd).
+    None when unknown (the coordinator checks the real shapes before training).
+    """
+    from raysim.models import RANDOM_ARCHS, model_path
+
+    if model_name.startswith("random:"):
+        arch = RANDOM_ARCHS.get(model_name.split(":", 1)[1])
+        return None if arch is None else int(arch["hidden_size"])
+    try:
+        path = Path(model_path(model_name)) / "config.json"
+        conf = json.loads(path.read_text())
+    except (OSError, ValueError, ImportError):
+        return None
+    dims = [conf[k] for k in ("hidden_size", "d_model", "n_embd") if isinstance(conf.get(k), int)]
+    return int(dims[0]) if dims else None
+
+
+def check_ranks_fit(cfg: ExperimentConfig, module_shapes: dict[str, tuple[int, int]] | None = None) -> None:
+    """ConfigError naming `lora.rank` if the largest rank exceeds min(m, n) of a target module.
+
+    module_shapes (module -> (m, n)) are the real shapes (the coordinator has them before round 1);
+    without them the bound comes from the model's config (`known_min_dim`), and nothing is checked
+    when that is unknown.
+    """
+    r_max = cfg.lora.max_rank()
+    if module_shapes:
+        name, (m, n) = min(module_shapes.items(), key=lambda kv: min(kv[1]))
+        bound, where = min(m, n), f"module {name} is {m}×{n}"
+    else:
+        bound = known_min_dim(cfg.model.name)
+        if bound is None:
+            return
+        where = f"the hidden size of {cfg.model.name} is {bound}"
+    if r_max > bound:
+        raise ConfigError(f"lora.rank: rank {r_max} exceeds min(m, n) = {bound} of the target modules "
+                          f"{cfg.lora.target_modules} ({where}); use ranks <= {bound}")

@@ -28,6 +28,9 @@ def prepare_data(cfg: ExperimentConfig):
         check_model_name(cfg.model.name, cfg.model.max_length)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    from raysim.ranks import check_ranks_fit
+
+    check_ranks_fit(cfg)                                  # rank <= min(m, n), from the model's config
     raw = load_source(cfg.data, cfg.seed)
     test_idx, client_train, client_test = split_and_partition(raw, cfg)
     return raw, {"test_idx": test_idx, "client_train": client_train, "client_test": client_test}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from raysim.aggregators import (celora, fedex, fedit, fedsa, ffa, flexlora, flora, lora_fair,  # noqa: F401
-                                rolora)  # (registration side effects)
+from raysim.aggregators import (celora, fedex, fedit, fedsa, ffa, flexlora, flora, hetlora,  # noqa: F401
+                               lora_fair, replication, rolora)  # (registration side effects)
 from raysim.aggregators.base import REGISTRY, Aggregator, aggregator_class, build_aggregator, register
 
 if TYPE_CHECKING:

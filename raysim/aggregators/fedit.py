@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from raysim.aggregators.base import AggregateResult, Aggregator, ClientUpdate, register, weighted_mean
+from raysim.aggregators.padding import zero_padded_mean
 from raysim.lora.factors import Factors, LoRAFactors
 
 
@@ -26,17 +27,21 @@ def average_factors(updates: list[ClientUpdate], scale: float) -> Factors:
 class FedIT(Aggregator):
     """Plain FedAvg of A and B; inexact: error s·Σ p_k (B_k − B̄)(A_k − Ā) when clients differ.
 
-    Clients continue from the averaged pair (A_g, B_g). Equal ranks only.
+    Clients continue from the averaged pair (A_g, B_g). Mixed ranks: zero-padded slot-wise average
+    (HetLoRA with p_k, ALGORITHMS.md §2.7), each client gets the first r_k slots; slots no participant
+    owns keep their value. Equal ranks give bitwise the plain average.
     """
 
     exact = False
+    mixed_ranks = True
     uploads = "A_k (r×n), B_k (m×r)"
     broadcasts = "A_g, B_g"
     comm_per_module = "up r(m+n), down r(m+n)"
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
         scale = next(iter(self.global_factors.values())).scale
-        self.global_factors = {k: _to32(f) for k, f in average_factors(updates, scale).items()}
+        mean = zero_padded_mean(updates, self.global_factors, scale)     # == average_factors for equal ranks
+        self.global_factors = {k: _to32(f) for k, f in mean.items()}
         return AggregateResult()
 
 

@@ -135,45 +135,37 @@ def engine():
 
     model = wrap_lora(build_base_model("random:bert-tiny", 4, 0), 4, 8, ["query", "value"], 0.0, 0)
     rng = np.random.default_rng(0)
-    arrays = {"input_ids": rng.integers(1, 1000, size=(32, 16)), "attention_mask": np.ones((32, 16), np.int64),
-              "labels": rng.integers(0, 4, size=32)}
-    return PeftEngine(model, DataArrays(arrays, torch.device("cpu")), optimizer="adamw", lr=1e-2,
-                      weight_decay=0.0, batch_size=8, max_grad_norm=None, train_head=True, eval_batch_size=16)
+    arrays = {"input_ids": rng.integers(1, 1000, size=(8, 8)), "attention_mask": np.ones((8, 8), np.int64),
+              "labels": rng.integers(0, 4, size=8)}
+    return PeftEngine(model, DataArrays(arrays, torch.device("cpu")), optimizer="adam", lr=1e-2,
+                      weight_decay=0.0, batch_size=8, max_grad_norm=None, train_head=True, eval_batch_size=8)
 
 
-def _job(engine, train, lr_scale=None):
+def _one_step(engine, train, lr_scale=None):
+    """One Adam step from a start with C ≠ 0: every tensor with a gradient moves by exactly its group's lr."""
     from raysim.engines.base import ClientJob
+    from raysim.lora.peft_io import get_head
 
     rng = np.random.default_rng(4)
     start = {name: LoRAFactors(a=rng.uniform(-0.1, 0.1, size=f.a.shape).astype(np.float32),
                                b=rng.uniform(-0.5, 0.5, size=f.b.shape).astype(np.float32), scale=2.0,
-                               c=np.zeros((4, 4), np.float32))
+                               c=rng.uniform(-0.5, 0.5, size=(4, 4)).astype(np.float32))
              for name, f in get_factors(engine.model).items()}
-    from raysim.lora.peft_io import get_head
-
-    job = ClientJob(client_id=0, round=1, seed=0, train_idx=np.arange(32), test_idx=None, start=start,
-                    head=get_head(engine.model), train=frozenset(train), steps=3, lr_scale=lr_scale or {})
-    return start, engine.train_client(job)
+    job = ClientJob(client_id=0, round=1, seed=0, train_idx=np.arange(8), test_idx=None, start=start,
+                    head=get_head(engine.model), train=frozenset(train), steps=1, lr_scale=lr_scale or {})
+    result = engine.train_client(job)
+    return {part: max(float(np.abs(getattr(f, part) - getattr(start[n], part)).max()) for n, f in
+                      result.factors.items()) for part in ("a", "b", "c")}
 
 
 def test_engine_trains_only_c_when_asked(engine):
-    start, result = _job(engine, {"c"})
-    for name, f in result.factors.items():
-        np.testing.assert_array_equal(f.a, start[name].a)
-        np.testing.assert_array_equal(f.b, start[name].b)
-        assert np.abs(f.c).max() > 1e-4
+    moved = _one_step(engine, {"c"})
+    assert moved["a"] == moved["b"] == 0.0                      # bitwise unchanged
+    assert moved["c"] == pytest.approx(1e-2, rel=1e-3)
 
 
 def test_engine_learning_rate_groups_scale_a_and_b(engine):
-    start, full = _job(engine, {"a", "b", "c"})
-    _, slow = _job(engine, {"a", "b", "c"}, {"a": 0.1, "b": 0.1})
-
-    def moved(res, part):
-        return sum(float(np.abs(getattr(f, part) - getattr(start[n], part)).max()) for n, f in res.factors.items())
-
-    # AdamW steps have size ≈ lr: A and B move about 10× less at 0.1×, C about as much
-    for part in ("a", "b"):
-        assert moved(slow, part) < 0.2 * moved(full, part)
-    assert moved(slow, "c") > 0.5 * moved(full, "c")
-    groups = engine._set_trainable(frozenset({"a", "b", "c"}), {"a": 0.1, "b": 0.1})[1]
-    assert sorted(g["lr"] for g in groups) == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])
+    """ab_lr_scale-style multipliers: A and B step at 0.1·lr, C at lr (Adam's first step has size lr)."""
+    moved = _one_step(engine, {"a", "b", "c"}, {"a": 0.1, "b": 0.1})
+    assert moved["a"] == pytest.approx(1e-3, rel=1e-3) and moved["b"] == pytest.approx(1e-3, rel=1e-3)
+    assert moved["c"] == pytest.approx(1e-2, rel=1e-3)

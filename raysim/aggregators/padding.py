@@ -103,18 +103,3 @@ def zero_padded_mean(updates, previous: Factors, scale: float) -> Factors:
     by_module = {name: [u.factors[name] for u in updates] for name in updates[0].factors}
     return padded_average(by_module, [u.weight for u in updates], previous, scale)[0]
 
-
-def pad(f: LoRAFactors, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(A, B̃) of one client zero-padded to `rank` slots, float64."""
-    m, n = f.shape
-    a = np.zeros((rank, n))
-    bt = np.zeros((m, rank))
-    a[:f.rank] = f.a
-    bt[:, :f.rank] = f.b_tilde()
-    return a, bt
-
-
-def slot_norms(f: LoRAFactors) -> np.ndarray:
-    """‖B̃[:, j]‖·‖A[j]‖ = ‖B̃[:, j] A[j]‖_F per slot j (the size of each slot's rank-1 term)."""
-    return (np.linalg.norm(f.b_tilde().astype(np.float64), axis=0)
-            * np.linalg.norm(f.a.astype(np.float64), axis=1))

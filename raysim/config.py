@@ -205,7 +205,17 @@ class LoRAConfig(_Strict):
     alpha: float = Field(16, gt=0, description="scale s = alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
-    train_head: bool = Field(True, description="train and FedAvg the classifier head")
+    train_head: bool = Field(True, description="train the classifier head (shared per head_policy)")
+    head_policy: Literal["fedavg", "local"] = Field(
+        "fedavg", description="fedavg: the head is uploaded and averaged like FedAvg; local: each client keeps "
+        "its own head (never sent), personalised evaluation on")
+
+    @field_validator("head_policy")
+    @classmethod
+    def _head_trained(cls, v, info):
+        if v == "local" and not info.data.get("train_head", True):
+            raise ValueError("'local' needs lora.train_head: true (a frozen head has nothing local)")
+        return v
 
     @field_validator("rank")
     @classmethod

@@ -72,6 +72,9 @@ class CoordinatorImpl:
         self.scale_of_rank = scale_for(cfg)
         self.aggregator = resolve_aggregator(cfg.aggregator.name, cfg.aggregator.params(), cfg)
         init_factors, self.head = self.pool.call_first("initial_state")
+        # lora.head_policy: local — each client's own head (absent: the initial head); never sent
+        self.client_heads: dict[int, dict[str, np.ndarray]] = {}
+        self.initial_head = {k: v.copy() for k, v in self.head.items()}
         self.module_shapes = {k: f.shape for k, f in init_factors.items()}
         check_ranks_fit(cfg, self.module_shapes)              # before any training
         self.aggregator.setup(init_factors, self.ranks, self.scale_of_rank, cfg.seed)
@@ -104,6 +107,8 @@ class CoordinatorImpl:
         if updates:
             result = self.aggregator.aggregate(rnd, updates)
             self.head = self._average_head(updates, outcomes)
+            if self._local_head():
+                self.client_heads.update({u.client_id: outcomes[u.client_id].result.head for u in updates})
             if result.base_delta:
                 self._log_base_delta(rnd, result.base_delta)
             dev = self._deviation(updates, result, old_global)
@@ -165,7 +170,7 @@ class CoordinatorImpl:
         slow = bool(fault_rng.random() < cfg.faults.slow_fraction)
         return ClientJob(client_id=cid, round=rnd, seed=seed, train_idx=train_idx,
                          test_idx=self.client_test[cid] if self._personal_eval() else None,
-                         start=plan.start, head=self.head, train=plan.train, steps=steps, fail=fail,
+                         start=plan.start, head=self._head_for(cid), train=plan.train, steps=steps, fail=fail,
                          sleep_s=cfg.faults.slow_client_s if slow else 0.0, lr_scale=dict(plan.lr_scale),
                          descriptor=plan.descriptor)
 
@@ -194,7 +199,18 @@ class CoordinatorImpl:
                                         descriptor=outcomes[cid].result.descriptor))
         return updates
 
+    def _local_head(self) -> bool:
+        return self.cfg.lora.head_policy == "local"
+
+    def _head_for(self, cid: int) -> dict[str, np.ndarray]:
+        """What the client's head starts from: the global head, or (local) its own last head."""
+        if self._local_head():
+            return self.client_heads.get(cid, self.initial_head)
+        return self.head
+
     def _average_head(self, updates: list[ClientUpdate], outcomes: dict[int, JobOutcome]) -> dict[str, np.ndarray]:
+        """The global head: FedAvg of this round's heads. With head_policy local it is computed only to
+        evaluate the global adapter (`accuracy`, the exported adapter) and is never sent to a client."""
         if not self.cfg.lora.train_head:
             return self.head
         weights = [u.weight for u in updates]
@@ -218,7 +234,8 @@ class CoordinatorImpl:
     # -- communication (ALGORITHMS.md §1.7), in scalars -----------------------------------------------------
 
     def _head_numel(self) -> int:
-        return sum(v.size for v in self.head.values()) if self.cfg.lora.train_head else 0
+        """Head scalars each way per client: the whole head under fedavg, none when frozen or local."""
+        return sum(v.size for v in self.head.values()) if self.cfg.lora.train_head and not self._local_head() else 0
 
     def _download_numel(self, cid: int, plan: ClientPlan) -> int:
         """Factors sent + head + base catch-up min(m·n, Σ missed factored changes); marks the client synced."""
@@ -242,8 +259,9 @@ class CoordinatorImpl:
         return sum(f.numel(tuple(plan.upload)) for f in plan.start.values()) + self._head_numel() + descriptor
 
     def _personal_eval(self) -> bool:
-        """Per-client evaluation on local test splits: eval.personalized, always on for personalised methods."""
-        return self.cfg.eval.personalized or self.aggregator.personalized
+        """Per-client evaluation on local test splits: eval.personalized, always on for personalised methods
+        and local heads."""
+        return self.cfg.eval.personalized or self.aggregator.personalized or self._local_head()
 
     def _client_rows(self, rnd, sampled, plans, outcomes: dict[int, JobOutcome], wire: int) -> list[dict]:
         rows = []
@@ -305,11 +323,13 @@ class CoordinatorImpl:
         agg_tensors, agg_meta = self.aggregator.state_dict()
         tensors = {f"agg/{k}": np.ascontiguousarray(v) for k, v in agg_tensors.items()}
         tensors.update({f"head/{k}": v for k, v in self.head.items()})
+        tensors.update({f"client_head/{cid}/{k}": v for cid, h in self.client_heads.items() for k, v in h.items()})
         for version, per_module in self.pool.base_log:
             for name, (u, v) in per_module.items():
                 tensors[f"base/{version}/{name}/u"] = np.ascontiguousarray(u)
                 tensors[f"base/{version}/{name}/v"] = np.ascontiguousarray(v)
         meta = {"round": rnd, "aggregator": agg_meta, "head": sorted(self.head),
+                "client_heads": sorted(self.client_heads),
                 "base_versions": {str(v): sorted(d) for v, d in self.pool.base_log},
                 "last_sync": {str(k): v for k, v in self.last_sync.items()},
                 "wall_s": self.elapsed_before + (time.time() - self.started)}
@@ -320,6 +340,8 @@ class CoordinatorImpl:
         self.aggregator.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("agg/")},
                                         meta["aggregator"])
         self.head = {k: np.array(tensors[f"head/{k}"]) for k in meta["head"]}
+        self.client_heads = {int(cid): {k: np.array(tensors[f"client_head/{cid}/{k}"]) for k in meta["head"]}
+                             for cid in meta.get("client_heads", [])}
         for version in sorted(int(v) for v in meta["base_versions"]):
             per_module = {name: (np.array(tensors[f"base/{version}/{name}/u"]),
                                  np.array(tensors[f"base/{version}/{name}/v"]))

@@ -41,10 +41,17 @@ def test_resolved_config_round_trips():
     ("data.partition={scheme: zipf}", "data.partition"),
     ("lora.rank={scheme: tiers, ranks: [4, 16], fractions: [0.5, 0.6]}", "sum to 1"),
     ("aggregator.lam=0.1", "aggregator.lam: unknown key"),
+    ("lora.head_policy=personal", "lora.head_policy"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         load_config(TINY, [override])
+
+
+def test_a_local_head_needs_a_trained_head():
+    with pytest.raises(ConfigError, match=r"lora.head_policy: 'local' needs lora.train_head: true"):
+        load_config(TINY, ["lora.head_policy=local", "lora.train_head=false"])
+    assert load_config(TINY, ["lora.head_policy=local"]).lora.head_policy == "local"
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from raysim.checkpoint import load_checkpoint
 from raysim.runner import run_experiment
 
 pytestmark = pytest.mark.ray
@@ -156,3 +157,45 @@ def test_a_killed_worker_and_dropped_clients_do_not_stop_the_run(ray_local, tmp_
     assert (df["clients_completed"] + df["clients_failed"] == df["clients_sampled"]).all()
     # the killed worker's jobs were retried elsewhere: round 2 completed everyone who did not drop out
     assert set(clients[(clients["round"] == 2) & (clients["status"] == "ok")]["worker"]) - {0} != set()
+
+
+def test_local_heads_stay_on_their_clients_and_survive_resume(ray_local, tmp_path_factory, tiny_config):
+    """lora.head_policy: local — no head on the wire, each client trains its own head from where it left it,
+    personalised evaluation on, the heads are checkpointed; the global head only evaluates the adapter."""
+    cfg = tiny_config(**{"lora.head_policy": "local", "output.checkpoint_every": 1})
+    out = tmp_path_factory.mktemp("local-head")
+    run_experiment(cfg, out, progress=False)
+    df, clients = rounds(out), pd.read_parquet(out / "clients.parquet")
+    r, m, n, modules = 4, 128, 128, 4
+    assert (clients["bytes_up"] == r * (m + n) * modules * 4).all()        # factors only, no head
+    assert df["personalized_accuracy"].between(0, 1).all()
+
+    def heads(rnd):
+        tensors, meta = load_checkpoint(out / "checkpoints" / f"round-{rnd:04d}")
+        return tensors, {int(c): tensors[f"client_head/{c}/classifier.weight"] for c in meta["client_heads"]}
+
+    t2, h2 = heads(2)
+    t3, h3 = heads(3)
+    assert set(h3) == set(clients["client_id"])                             # one head per client that trained
+    in_3 = clients[clients["round"] == 3]
+    for cid in h3:
+        changed = not np.array_equal(h2.get(cid), h3[cid]) if cid in h2 else True
+        assert changed == (cid in set(in_3["client_id"]))                   # only round 3's clients moved
+    assert len({h.tobytes() for h in h3.values()}) == len(h3)               # personal, not shared
+    p = in_3["num_samples"].to_numpy() / in_3["num_samples"].sum()
+    np.testing.assert_allclose(t3["head/classifier.weight"],                # evaluation head = FedAvg of round 3
+                               sum(w * h3[c] for w, c in zip(p, in_3["client_id"])), rtol=1e-5, atol=1e-7)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(row, ckpt):
+        if row["round"] == 2:
+            raise Stop
+
+    again = tmp_path_factory.mktemp("local-head-resumed")
+    with pytest.raises(Stop):
+        run_experiment(cfg, again, progress=False, on_round=stop_after_two)
+    run_experiment(cfg, again, progress=False, resume=True)
+    for col in ("accuracy", "personalized_accuracy", "bytes_up"):
+        np.testing.assert_array_equal(rounds(again)[col].to_numpy(), df[col].to_numpy())

@@ -277,6 +277,8 @@ class OutputConfig(_Strict):
     save_updates: bool = Field(False, description="write updates/round-NNNN/ with what crossed the wire")
     checkpoint_every: int = Field(1, ge=0, description="checkpoint every N rounds (0: never)")
     wire_dtype_bytes: int = Field(4, ge=1, description="bytes per scalar for bytes_up/bytes_down")
+    debug: bool = Field(False, description="check every round that the factors a method keeps frozen (FFA's A, "
+                        "RoLoRA's idle factor, CE-LoRA's frame with train_ab: false) came back bit for bit")
 
 
 class ExperimentConfig(_Strict):

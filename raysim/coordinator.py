@@ -51,6 +51,20 @@ class RoundOutput:
     checkpoint: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
 
 
+def frozen_changed(start: Factors, end: Factors, train: frozenset[str]) -> list[str]:
+    """`module.factor` names whose frozen factor (not in `train`) differs bit for bit between the factors
+    a client was sent (`start`) and those it returned (`end`): FFA-LoRA and RoLoRA are exact only if
+    every client's frozen factor is the broadcast one (ALGORITHMS.md §2.3, §2.10)."""
+    changed = []
+    for name, f in start.items():
+        for key in ("a", "b", "c"):
+            if key in train or getattr(f, key) is None:
+                continue
+            if not np.array_equal(np.asarray(getattr(f, key)), np.asarray(getattr(end[name], key))):
+                changed.append(f"{name}.{key}")
+    return changed
+
+
 class CoordinatorImpl:
     def __init__(self, cfg_dict: dict, raw, partition: dict[str, Any], gpus_per_worker: float):
         self.cfg = ExperimentConfig.model_validate(cfg_dict)
@@ -187,6 +201,12 @@ class CoordinatorImpl:
         updates = []
         for w, cid in zip(p, completed):
             got = outcomes[cid].result.factors
+            if self.cfg.output.debug:
+                changed = frozen_changed(plans[cid].start, got, plans[cid].train)
+                if changed:
+                    raise RuntimeError(f"output.debug: client {cid} changed factors that {self.aggregator.name} "
+                                       f"keeps frozen: {', '.join(changed[:4])}"
+                                       f"{' …' if len(changed) > 4 else ''} (an engine bug)")
             factors = {}
             for name, start in plans[cid].start.items():
                 end = got[name]

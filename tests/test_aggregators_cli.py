@@ -1,5 +1,6 @@
 """Every registered aggregator runs from the CLI on the tiny config; deviation and bytes are checked
-against ALGORITHMS.md (§1.5, §3) from the files a user gets."""
+against ALGORITHMS.md (§1.5, §3) from the files a user gets. Every run has `output.debug: true`, so the
+factors each method keeps frozen are checked to come back from the engine bit for bit."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _run(tmp_path_factory, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     out = tmp_path_factory.mktemp(name)
     rc = main(["run", "experiments/tiny.yaml", "--out", str(out), "--no-progress", "--set", f"aggregator.name={name}",
                "--set", "federation.rounds=2", "--set", "train.local_steps=2",
-               "--set", "resources.num_workers=1"])
+               "--set", "resources.num_workers=1", "--set", "output.debug=true"])   # frozen factors checked
     assert rc == 0
     return pd.read_parquet(out / "rounds.parquet"), pd.read_parquet(out / "clients.parquet")
 

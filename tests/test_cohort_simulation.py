@@ -33,3 +33,14 @@ def test_cohort_engine_run_equals_the_peft_engine_run(ray_local, tmp_path, tiny_
     for col in ("accuracy", "clients_completed", "clients_failed", "personalized_accuracy"):
         pd.testing.assert_series_equal(r_coh[col], r_peft[col], rtol=1e-5)
     pd.testing.assert_series_equal(r_coh["loss"], r_peft["loss"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ffa", "rolora"])
+def test_cohort_engine_returns_frozen_factors_bit_for_bit(ray_local, tmp_path, tiny_config, name):
+    """FFA's A and RoLoRA's idle factor (B in round 2) go through the stacked tensors and back unchanged;
+    `output.debug` stops the run otherwise. Exact methods then have zero deviation."""
+    cfg = tiny_config(**{"aggregator.name": name, "federation.rounds": 2, "resources.engine": "cohort",
+                         "resources.cohort_size": 4, "output.debug": "true"})
+    run_experiment(cfg, tmp_path, progress=False)
+    rounds = pd.read_parquet(tmp_path / "rounds.parquet")
+    assert list(rounds["round"]) == [1, 2] and (rounds["deviation_rel"] < 1e-6).all()

@@ -115,16 +115,25 @@ def summarise(table: pd.DataFrame, low_rank: int | None = None) -> dict[str, flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print(__doc__)
-        return 2
-    for run in argv:
-        table = dilution_table(run)
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m raysim.dilution",
+                                     description="Per-slot dilution of mixed-rank runs (saved with "
+                                                 "output.save_updates: true); see the module docstring.")
+    parser.add_argument("runs", nargs="+", help="run directories")
+    parser.add_argument("--low-rank", type=int, default=None,
+                        help="first 'high' slot for the summary (default: the smallest uploaded rank)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    for run in args.runs:
+        try:
+            table = dilution_table(run)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"== {run}")
         with pd.option_context("display.width", 160, "display.max_rows", 400):
             print(table.groupby("slot")[["owners", "pi", "pi2", "kept", "global_norm"]].mean().round(4))
-        print({k: round(v, 4) for k, v in summarise(table).items()})
+        print({k: round(v, 4) for k, v in summarise(table, args.low_rank).items()})
     return 0
 
 

@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 
 from raysim.data.noise import noisy_clients
-from raysim.dilution import dilution_table
+from raysim.dilution import dilution_table, main as dilution_main
 from raysim.ranks import assign_ranks
 from raysim.runner import run_experiment
 
 pytestmark = pytest.mark.ray
 
 
-def test_mixed_rank_run_records_ranks_noise_per_rank_bytes_and_stays_exact(ray_local, tiny_config, tmp_path):
+def test_mixed_rank_run_records_ranks_noise_per_rank_bytes_and_stays_exact(ray_local, tiny_config, tmp_path, capsys):
     # FedEx with tiers [2, 8]: the plan/truncation path is the one HetLoRA and replication use too,
     # and the exactness of the residual with mixed ranks is checked end to end
     cfg = tiny_config(**{"aggregator.name": "fedex", "federation.rounds": 2,
@@ -39,3 +39,10 @@ def test_mixed_rank_run_records_ranks_noise_per_rank_bytes_and_stays_exact(ray_l
     table = dilution_table(tmp_path)
     assert set(table["round"]) == {1, 2} and table["pi"].between(0, 1 + 1e-9).all()
     assert np.allclose(table[table["slot"] < 2]["pi"], 1.0)
+    # fedex's global adapter is the zero-padded mean: high slots keep about pi² of what their owners sent
+    high = table[(table["slot"] >= 2) & (table["owners"] > 0)]
+    assert (high["pi"] < 1).all() and (high["kept"] <= high["pi"] + 1e-9).all()
+    capsys.readouterr()
+    assert dilution_main([str(tmp_path)]) == 0
+    assert "kept_high_mean" in capsys.readouterr().out
+    assert dilution_main([str(tmp_path / "no-such-run")]) == 2

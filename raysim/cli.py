@@ -1,4 +1,9 @@
-"""`raysim` command line. Config mistakes print one clear message and exit with code 2, before Ray."""
+"""`raysim` command line. Config mistakes print one clear message and exit with code 2, before Ray.
+
+`raysim run` stays import-light on the driver until the run starts (no torch, peft or transformers while
+the config and data are checked): the modules of the other subcommands (sweep, report, bench) are only
+imported when one of them, or the top-level help, is asked for.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from raysim.config import ConfigError  # noqa: E402
+from raysim.errors import ConfigError  # noqa: E402
 
 EXIT_CONFIG = 2
 
@@ -25,7 +30,7 @@ def cmd_run(args) -> int:
     import yaml
 
     from raysim.config import load_config, validate_config
-    from raysim.runner import default_run_dir, prepare_data, run_experiment
+    from raysim.runner import default_run_dir, run_experiment
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -42,9 +47,9 @@ def cmd_run(args) -> int:
         run_dir = Path(args.out) if args.out else default_run_dir(cfg)
         if (run_dir / "summary.json").exists():
             raise ConfigError(f"--out: {run_dir} already holds a finished run; choose another directory")
-    prepared = prepare_data(cfg)                 # data errors surface here, before Ray starts
+    # run_experiment prepares the data before it starts Ray: data errors surface there, before any Ray work
     summary = run_experiment(cfg, run_dir, address=args.address, verbose=args.verbose, resume=bool(args.resume),
-                             progress=not args.no_progress, prepared=prepared)
+                             progress=not args.no_progress)
     final = summary["final"]
     acc = final.get("accuracy")
     dev = final.get("deviation_rel")
@@ -64,14 +69,27 @@ def cmd_aggregators(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def cmd_config_docs(args) -> int:
+    from raysim.configdoc import render
+
+    sys.stdout.write(render())
+    return 0
+
+
+BUILTIN_COMMANDS = ("run", "aggregators", "config-docs")
+
+
+def build_parser(extras: bool = True) -> argparse.ArgumentParser:
+    """The parser; `extras=False` leaves out the subcommands that live in other modules (faster, lighter)."""
     parser = argparse.ArgumentParser(prog="raysim", description="Federated LoRA fine-tuning simulator on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one simulation from a YAML config")
     run.add_argument("config", nargs="?", help="experiment YAML")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key (dotted; value parsed as YAML); repeatable")
+                     help="override a config key (dotted; value parsed as YAML); repeatable. Setting a "
+                     "union's tag (data.partition.scheme, lora.rank.scheme, aggregator.name) switches the section "
+                     "to that variant and drops the keys it lacks (named on stderr)")
     run.add_argument("--out", help="run directory (default runs/<name>-<timestamp>)")
     run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -81,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     aggs = sub.add_parser("aggregators", help="list registered aggregators")
     aggs.set_defaults(func=cmd_aggregators)
 
-    for extra in _extra_commands():
+    docs = sub.add_parser("config-docs", help="print the config reference (docs/config.md) generated from the "
+                          "schema")
+    docs.set_defaults(func=cmd_config_docs)
+
+    for extra in _extra_commands() if extras else ():
         extra(sub, _add_common)
     return parser
 
@@ -104,7 +126,9 @@ def _extra_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(extras=command not in BUILTIN_COMMANDS)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -2,7 +2,7 @@
 
     python -m raysim.dilution runs/<run> [runs/<other> ...]      # table per run, high slots summarised
 
-For every saved round (updates/round-NNNN/) and rank slot j (ALGORITHMS.md §2.7, §2.8):
+For every saved round (updates/round-NNNN/) and rank slot j (docs/algorithms.md, HetLoRA and Replication padding):
 
 - `owners`: participants whose uploaded rank is > j; `pi`: their share Σ p_k of the client weights
   (the metadata `weight` of each client file). Zero-padding with p-weights scales slot j by π_j.

@@ -41,7 +41,7 @@ def evaluate_run(run_dir: str | Path, batch_size: int = 64) -> dict[str, float]:
     """Accuracy and loss of the saved final model on the run's global test split."""
     import torch
 
-    from raysim.coordinator import tokenize_for_model
+    from raysim.models import tokenize_for_model
 
     model, cfg, raw, partition = load_run_model(run_dir)
     arrays = tokenize_for_model(raw, cfg)

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EMBEDDED_MINILM = "embedded:minilm-l6"
 
-# DESIGN.md §8: fixed shapes, so benchmarks compare across versions.
+# Benchmark workloads: fixed shapes, so benchmarks compare across versions.
 RANDOM_ARCHS: dict[str, dict[str, int]] = {
     "bert-tiny": dict(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=256, max_position_embeddings=128),
@@ -93,3 +93,13 @@ def build_base_model(name: str, num_labels: int, seed: int):
         return AutoModelForSequenceClassification.from_pretrained(model_path(name), num_labels=num_labels)
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+def tokenize_for_model(raw, cfg) -> dict[str, Any]:
+    """Token ids, masks and labels as numpy arrays for the object store (cached on disk)."""
+    from raysim.data.tokenize import tokenize
+
+    tokenizer = None if raw.texts is None else load_tokenizer(cfg.model.name)
+    cache = Path(os.environ.get("RAYSIM_CACHE", Path.home() / ".cache" / "raysim")) / "tokens"
+    data = tokenize(raw, tokenizer, cfg.model.max_length, cache_dir=cache)
+    return {"input_ids": data.input_ids, "attention_mask": data.attention_mask, "labels": data.labels}

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from raysim.config import ConfigError, ExperimentConfig, RankByDataSize, RankByQuality, RankTiers
-from raysim.sampling import derive_seed
+from raysim.seeds import RANK_QUALITY, RANK_TIERS, derive_seed
 
-_TIER_STREAM, _QUALITY_STREAM = 0x7A2C, 0x7A2D
 
 
 def tier_counts(fractions: list[float], n: int) -> list[int]:
@@ -49,7 +48,7 @@ def assign_ranks(cfg: ExperimentConfig, num_samples: list[int] | np.ndarray | No
         tiers = sorted(zip(spec.ranks, tier_counts(spec.fractions, n)), key=lambda t: -t[0])
         return _fill(order, tiers)
     assert isinstance(spec, RankTiers)
-    order = np.random.default_rng(derive_seed(cfg.seed, _TIER_STREAM)).permutation(n)
+    order = np.random.default_rng(derive_seed(cfg.seed, RANK_TIERS)).permutation(n)
     return _fill(order, list(zip(spec.ranks, tier_counts(spec.fractions, n))))
 
 
@@ -68,7 +67,7 @@ def _by_quality(cfg: ExperimentConfig, spec: RankByQuality) -> dict[int, int]:
     n = cfg.federation.num_clients
     low, high = spec.ranks
     n_high = int(round(spec.high_fraction * n))
-    rng = np.random.default_rng(derive_seed(cfg.seed, _QUALITY_STREAM))
+    rng = np.random.default_rng(derive_seed(cfg.seed, RANK_QUALITY))
     noisy = set(noisy_clients(cfg).tolist())
     clean = [c for c in range(n) if c not in noisy]
     dirty = sorted(noisy)
@@ -78,7 +77,7 @@ def _by_quality(cfg: ExperimentConfig, spec: RankByQuality) -> dict[int, int]:
 
 def scale_for(cfg: ExperimentConfig):
     """s(r): PEFT's alpha / r for one shared rank; with mixed ranks one scale alpha / r_max for every
-    client, so slot-wise averages combine columns of equal magnitude (ALGORITHMS.md §1.2)."""
+    client, so slot-wise averages combine columns of equal magnitude (docs/algorithms.md, "Mixed ranks")."""
     alpha = cfg.lora.alpha
     if isinstance(cfg.lora.rank, int):
         return lambda r: alpha / r

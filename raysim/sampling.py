@@ -3,15 +3,9 @@ which worker ran a client or in which order results arrived."""
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
-
-def derive_seed(*parts: int) -> int:
-    """A stable 31-bit seed from integers (e.g. run seed, round, client id)."""
-    data = ",".join(str(int(p)) for p in parts).encode()
-    return zlib.crc32(data) & 0x7FFFFFFF
+from raysim.seeds import SAMPLING, derive_seed
 
 
 class ClientSampler:
@@ -27,5 +21,5 @@ class ClientSampler:
     def sample(self, rnd: int) -> list[int]:
         if self.per_round == self.num_clients:
             return list(range(self.num_clients))
-        rng = np.random.default_rng(derive_seed(self.seed, rnd, 0xC11E))
+        rng = np.random.default_rng(derive_seed(self.seed, rnd, SAMPLING))
         return sorted(int(c) for c in rng.choice(self.num_clients, size=self.per_round, replace=False))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from raysim.cli import main
-from raysim.config import ConfigError, load_config
+from raysim.config import ConfigError, ExperimentConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -39,6 +41,7 @@ def test_resolved_config_round_trips():
     ("federation.clients_per_round=99", "federation.clients_per_round (99) must be <="),
     ("lora.rank=0", "lora.rank"),
     ("data.partition={scheme: zipf}", "data.partition"),
+    ("data.partition.scheme=zipf", "data.partition.scheme: unknown scheme 'zipf'; allowed: iid, dirichlet"),
     ("lora.rank={scheme: tiers, ranks: [4, 16], fractions: [0.5, 0.6]}", "sum to 1"),
     ("aggregator.lam=0.1", "aggregator.lam: unknown key"),
     ("lora.head_policy=personal", "lora.head_policy"),
@@ -105,3 +108,90 @@ def test_cli_rejects_more_clients_than_samples(tmp_path, capsys, no_ray):
 def test_missing_config_file(tmp_path, capsys):
     assert main(["run", str(tmp_path / "none.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def _nested_models(ann) -> list[type[BaseModel]]:
+    """Every pydantic model inside an annotation (Annotated, unions, Optional, list[...])."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    return [m for arg in typing.get_args(ann) for m in _nested_models(arg)]
+
+
+def test_every_config_field_has_a_description():
+    seen, todo, missing = set(), [("", ExperimentConfig)], []
+    while todo:
+        prefix, model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for key, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(f"{model.__name__}.{key} ({prefix}{key})")
+            todo += [(f"{prefix}{key}.", sub) for sub in _nested_models(field.annotation)]
+    # the walk reaches the nested sections and every union variant
+    names = {m.__name__ for m in seen}
+    assert {"DataConfig", "IIDPartition", "QuantitySkewPartition", "RankTiers", "RankByQuality",
+            "LabelNoiseConfig"} <= names
+    assert not missing, "config fields without a description: " + ", ".join(missing)
+
+
+def _load(*overrides):
+    notes = []
+    cfg = load_config(TINY, list(overrides), notify=notes.append)
+    return cfg, notes
+
+
+def test_setting_a_partition_scheme_switches_the_variant():
+    raw = yaml.safe_load(TINY.read_text())["data"]["partition"]
+    assert raw["scheme"] == "dirichlet" and "alpha" in raw           # the precondition of this test
+    cfg, notes = _load("data.partition.scheme=iid")
+    assert cfg.data.partition.scheme == "iid"
+    assert cfg.data.partition.min_samples == raw["min_samples"]       # a key iid also has is kept
+    assert notes == ["data.partition.scheme=iid: dropped alpha (not keys of iid); kept min_samples"]
+    cfg, notes = _load("data.partition.scheme=shards", "data.partition.shards_per_client=3")
+    assert (cfg.data.partition.scheme, cfg.data.partition.shards_per_client) == ("shards", 3)
+    assert len(notes) == 1 and "dropped alpha" in notes[0]
+    cfg, notes = _load("data.partition.scheme=dirichlet")            # same tag: nothing replaced
+    assert cfg.data.partition.alpha == raw["alpha"] and notes == []
+
+
+def test_keys_set_before_the_tag_are_kept():
+    cfg, notes = _load("data.partition.alpha=0.7", "data.partition.scheme=quantity_skew")
+    assert (cfg.data.partition.scheme, cfg.data.partition.alpha) == ("quantity_skew", 0.7)
+    with pytest.raises(ConfigError, match="data.partition.shards_per_client: unknown key"):
+        _load("data.partition.scheme=shards", "data.partition.shards_per_client=3", "data.partition.scheme=iid")
+
+
+def test_setting_a_rank_scheme_switches_the_variant():
+    tiers = "lora.rank={scheme: tiers, ranks: [4, 16], fractions: [0.5, 0.5]}"
+    cfg, notes = _load("aggregator.name=hetlora", tiers, "lora.rank.scheme=by_data_size")
+    assert (cfg.lora.rank.scheme, cfg.lora.rank.ranks, cfg.lora.rank.fractions) == ("by_data_size", [4, 16],
+                                                                                     [0.5, 0.5])
+    assert notes == []
+    cfg, notes = _load("aggregator.name=hetlora", tiers, "lora.rank.scheme=by_quality")
+    assert (cfg.lora.rank.ranks, cfg.lora.rank.high_fraction) == ([4, 16], 0.1)
+    assert notes == ["lora.rank.scheme=by_quality: dropped fractions (not keys of by_quality); kept ranks"]
+    cfg, notes = _load("aggregator.name=hetlora", "lora.rank.scheme=by_quality", "lora.rank.ranks=[2, 8]")
+    assert (cfg.lora.rank.scheme, cfg.lora.rank.ranks) == ("by_quality", [2, 8])
+    assert len(notes) == 1 and "replaced lora.rank=4" in notes[0]
+
+
+def test_setting_the_aggregator_name_drops_the_old_method_parameters(tmp_path):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["aggregator"] = {"name": "lora_fair", "lam": 0.2, "solver": "ls"}
+    path = tmp_path / "fair.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    notes = []
+    cfg = load_config(path, ["aggregator.name=fedex"], notify=notes.append)
+    assert cfg.aggregator.name == "fedex" and cfg.aggregator.params() == {}
+    assert notes == ["aggregator.name=fedex: dropped lam, solver (not keys of fedex)"]
+    with pytest.raises(ConfigError, match="aggregator.name: unknown aggregator 'nope'"):
+        load_config(path, ["aggregator.name=nope"], notify=notes.append)
+    assert len(notes) == 1                                          # an unknown name replaces nothing
+
+
+def test_cli_names_the_dropped_keys_on_stderr(tmp_path, capsys, no_ray):
+    rc, err = _cli(tmp_path, capsys, "--set", "data.partition.scheme=iid",
+                   "--set", "data.source=csv:/no/such/file.csv")
+    assert rc == 2 and "data.source: file not found" in err          # stops before Ray, after the notice
+    assert "raysim: data.partition.scheme=iid: dropped alpha (not keys of iid)" in err

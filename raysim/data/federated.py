@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raysim.config import ConfigError
+from raysim.errors import ConfigError
 from raysim.data.partition import partition, stratified_sample
 from raysim.data.sources import RawData
 from raysim.data.tokenize import TokenizedData
+from raysim.seeds import LOCAL_SPLIT, TEST_SPLIT
 
 # independent random streams derived from the experiment seed
-_TEST_STREAM, _LOCAL_STREAM = 1, 2
 
 
 @dataclass
@@ -74,12 +74,12 @@ def split_and_partition(raw: RawData, cfg) -> tuple[np.ndarray, list[np.ndarray]
     if n < 2:
         raise ConfigError(f"data.source: need at least 2 examples for a test split, got {n}")
     n_test = min(max(1, round(n * cfg.data.test_fraction)), n - 1)
-    test_idx = stratified_sample(labels, n_test, np.random.default_rng([cfg.seed, _TEST_STREAM]))
+    test_idx = stratified_sample(labels, n_test, np.random.default_rng([cfg.seed, TEST_SPLIT]))
     pool = np.setdiff1d(np.arange(n, dtype=np.int64), test_idx)
 
     parts = partition(labels[pool], cfg.federation.num_clients, cfg.data.partition, cfg.seed)
 
-    rng = np.random.default_rng([cfg.seed, _LOCAL_STREAM])
+    rng = np.random.default_rng([cfg.seed, LOCAL_SPLIT])
     client_train, client_test = [], []
     for part in parts:
         members = pool[part]

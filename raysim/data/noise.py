@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from raysim.sampling import derive_seed
+from raysim.seeds import LABEL_NOISE, derive_seed
 
-NOISE_STREAM = 0x4015E      # random stream of the noisy-client choice and of the flips
 
 
 def noisy_clients(cfg) -> np.ndarray:
@@ -30,7 +29,7 @@ def noisy_clients(cfg) -> np.ndarray:
     if spec is None or spec.fraction_clients <= 0 or spec.flip_prob <= 0:
         return np.zeros(0, dtype=np.int64)
     count = int(round(spec.fraction_clients * n))
-    order = np.random.default_rng(derive_seed(cfg.seed, NOISE_STREAM)).permutation(n)
+    order = np.random.default_rng(derive_seed(cfg.seed, LABEL_NOISE)).permutation(n)
     return np.sort(order[:count]).astype(np.int64)
 
 
@@ -53,7 +52,7 @@ def apply_label_noise(labels: np.ndarray, client_train: list[np.ndarray], cfg,
 
     labels: (N,) true labels of all examples; client_train[k]: client k's training row indices
     (disjoint across clients). Only rows in client_train[k] of a noisy client k can change; the
-    input array is never modified. Flips of client k come from the stream (seed, NOISE_STREAM, k).
+    input array is never modified. Flips of client k come from the stream (seed, LABEL_NOISE, k).
     """
     labels = np.asarray(labels)
     noisy = noisy_clients(cfg)
@@ -64,6 +63,6 @@ def apply_label_noise(labels: np.ndarray, client_train: list[np.ndarray], cfg,
     p = cfg.data.label_noise.flip_prob
     for cid in noisy:
         idx = np.asarray(client_train[int(cid)], dtype=np.int64)
-        rng = np.random.default_rng(derive_seed(cfg.seed, NOISE_STREAM, int(cid)))
+        rng = np.random.default_rng(derive_seed(cfg.seed, LABEL_NOISE, int(cid)))
         out[idx] = flip_labels(labels[idx], np.arange(idx.size), p, k, rng)
     return out, noisy

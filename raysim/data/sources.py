@@ -26,6 +26,7 @@ import numpy as np
 
 from raysim.config import ConfigError, DataConfig, SyntheticConfig
 from raysim.data.partition import stratified_sample
+from raysim.seeds import SYNTHETIC
 
 # special token ids shared by the synthetic source and `HashingTokenizer`
 PAD_ID, CLS_ID, SEP_ID, UNK_ID = 0, 1, 2, 3
@@ -224,7 +225,7 @@ def synthetic_key_tokens(cfg: SyntheticConfig, seed: int) -> np.ndarray:
         raise ConfigError(f"data.synthetic.vocab_size: {cfg.vocab_size} is too small for "
                           f"data.synthetic.num_labels {cfg.num_labels}; need at least "
                           f"{cfg.num_labels + NUM_SPECIAL_TOKENS + 1}")
-    rng = np.random.default_rng([seed, 0x5EED])
+    rng = np.random.default_rng([seed, SYNTHETIC])
     keys = rng.choice(np.arange(NUM_SPECIAL_TOKENS, cfg.vocab_size), size=cfg.num_labels * k, replace=False)
     return keys.reshape(cfg.num_labels, k).astype(np.int64)
 

@@ -1,0 +1,378 @@
+"""The experiment config schema: pydantic models that mirror the YAML key for key.
+
+Every field carries a `description`; docs/config.md is generated from them (`python -m raysim.configdoc`).
+Loading, `--set` overrides and error messages live in `raysim.config`, which re-exports these models;
+import them from there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- model & data
+
+
+class ModelConfig(_Strict):
+    """The frozen base model that LoRA adapters are trained on."""
+
+    name: str = Field("embedded:minilm-l6", description="`embedded:minilm-l6` (the bundled MiniLM-L6, no "
+                      "download), a local Hugging Face model directory, or `random:<arch>` (a randomly "
+                      "initialised BERT: bert-tiny, bert-mini, minilm, bert-base) for fast tests and benchmarks")
+    max_length: int = Field(128, ge=8, le=4096, description="tokens per example; longer texts are truncated, "
+                            "shorter ones padded (must fit the model's position embeddings)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype of the frozen base "
+                                                  "model; bfloat16 halves memory, float32 keeps runs exact")
+
+
+class SyntheticConfig(_Strict):
+    """The generated text-classification task used by `data.source: synthetic:text-cls`."""
+
+    num_examples: int = Field(2000, ge=2, description="number of generated examples (train + test)")
+    seq_len: int = Field(32, ge=4, description="tokens per generated example")
+    vocab_size: int = Field(1000, ge=16, description="size of the generated token vocabulary")
+    num_labels: int = Field(4, ge=2, description="number of classes")
+    key_fraction: float = Field(0.25, gt=0, le=1, description="share of positions holding class key tokens; "
+                                "higher makes the task easier")
+
+
+_MIN_SAMPLES = "every client gets at least this many training examples (an error names the key when the " \
+               "data is too small for num_clients x min_samples)"
+
+
+class IIDPartition(_Strict):
+    """Uniformly random split: every client sees the same label distribution."""
+
+    scheme: Literal["iid"] = Field(description="selects this partition scheme")
+    min_samples: int = Field(4, ge=1, description=_MIN_SAMPLES)
+
+
+class DirichletPartition(_Strict):
+    """Label skew: each client's label mix is drawn from Dirichlet(alpha)."""
+
+    scheme: Literal["dirichlet"] = Field(description="selects this partition scheme")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of each client's label mix; small "
+                         "(0.1) = few labels per client, large (100) = close to IID; 0.5 is a common non-IID "
+                         "benchmark setting")
+    min_samples: int = Field(4, ge=1, description=_MIN_SAMPLES)
+
+
+class ShardsPartition(_Strict):
+    """Pathological label skew: the label-sorted data is cut into shards, each client gets a few."""
+
+    scheme: Literal["shards"] = Field(description="selects this partition scheme")
+    shards_per_client: int = Field(2, ge=1, description="label-sorted shards given to each client (2: most "
+                                   "clients see at most two labels)")
+    min_samples: int = Field(4, ge=1, description=_MIN_SAMPLES)
+
+
+class QuantitySkewPartition(_Strict):
+    """Size skew: IID labels, but client sizes are proportional to a Dirichlet(alpha) draw."""
+
+    scheme: Literal["quantity_skew"] = Field(description="selects this partition scheme")
+    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration of the client sizes; small = a few "
+                         "large clients and many small ones")
+    min_samples: int = Field(4, ge=1, description=_MIN_SAMPLES)
+
+
+PartitionConfig = Annotated[
+    Union[IIDPartition, DirichletPartition, ShardsPartition, QuantitySkewPartition],
+    Field(discriminator="scheme"),
+]
+
+
+class LabelNoiseConfig(_Strict):
+    """Label noise for data-quality experiments (raysim.data.noise): a seeded `fraction_clients` of the
+    clients get each TRAIN label flipped to a uniformly random other class with probability `flip_prob`;
+    the global and local test splits keep their true labels."""
+
+    fraction_clients: float = Field(0.0, ge=0, le=1, description="share of clients with noisy labels (0-1)")
+    flip_prob: float = Field(0.0, ge=0, le=1, description="probability that a training label of a noisy client "
+                             "is flipped (0-1)")
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and how they are split into test sets and clients."""
+
+    source: str = Field("embedded:bbc-news", description="`embedded:bbc-news` (bundled news topics), "
+                        "`synthetic:text-cls` (generated, see data.synthetic), `parquet:PATH`, `csv:PATH`, "
+                        "`jsonl:PATH` or `hf-disk:PATH` (a `datasets.save_to_disk` folder)")
+    text_column: str = Field("text", description="column holding the text (file and hf-disk sources)")
+    label_column: str = Field("label", description="column holding the class label (file and hf-disk sources); "
+                              "any values, mapped to 0..C-1")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of the examples held out as the global "
+                                 "test split (0-1, exclusive)")
+    local_test_fraction: float = Field(0.2, ge=0, lt=1, description="share of each client's examples kept "
+                                       "as its local test split for personalised evaluation (0 = none)")
+    max_examples: int | None = Field(None, ge=2, description="use at most this many examples, sampled "
+                                     "stratified by label (null = all)")
+    partition: PartitionConfig = Field(default_factory=lambda: DirichletPartition(scheme="dirichlet"),
+                                       description="how training examples are split across clients; one of "
+                                       "the schemes below, selected by `scheme`")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="settings of the "
+                                       "`synthetic:text-cls` source (ignored by other sources)")
+    label_noise: LabelNoiseConfig | None = Field(None, description="noisy training labels on some clients "
+                                                 "(null = clean data)")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        kinds = ("embedded:bbc-news", "synthetic:text-cls")
+        prefixes = ("parquet:", "csv:", "jsonl:", "hf-disk:")
+        if v in kinds or (v.startswith(prefixes) and len(v.split(":", 1)[1]) > 0):
+            return v
+        raise ValueError(f"unknown data source {v!r}; allowed: embedded:bbc-news, synthetic:text-cls, "
+                         "parquet:PATH, csv:PATH, jsonl:PATH, hf-disk:PATH")
+
+
+# ----------------------------------------------------------------------------- federation & training
+
+
+class FederationConfig(_Strict):
+    """Clients, rounds and how client updates are weighted."""
+
+    num_clients: int = Field(20, ge=1, description="number of simulated clients N")
+    clients_per_round: int = Field(5, ge=1, description="clients sampled each round (<= num_clients)")
+    rounds: int = Field(10, ge=1, description="number of federated rounds")
+    weighting: Literal["samples", "uniform"] = Field("samples", description="raw client weight ω_k before "
+                                                     "normalisation: `samples` = n_k (FedAvg), `uniform` = 1")
+    round_timeout_s: float = Field(600.0, gt=0, description="seconds a round waits for its clients; later "
+                                   "clients are stragglers and are left out of that round")
+    max_task_retries: int = Field(1, ge=0, description="how often a failed client task is retried on another "
+                                  "worker before the client is dropped from the round")
+
+    @model_validator(mode="after")
+    def _per_round(self) -> "FederationConfig":
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(f"federation.clients_per_round ({self.clients_per_round}) must be <= "
+                             f"federation.num_clients ({self.num_clients})")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Local training on each client."""
+
+    local_steps: int = Field(10, ge=1, description="optimizer steps per client per round (ignored when "
+                             "local_epochs is set)")
+    local_epochs: float | None = Field(None, gt=0, description="if set, steps = ceil(local_epochs · n_k / "
+                                       "batch_size), so larger clients train longer (null = use local_steps)")
+    batch_size: int = Field(16, ge=1, description="examples per optimizer step")
+    lr: float = Field(5.0e-4, gt=0, description="learning rate of the LoRA factors (and the head)")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="local optimizer; its state is "
+                                                       "reset every round, as on a real client")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay of the optimizer (decoupled for "
+                                "adamw, an L2 penalty for adam and sgd)")
+    max_grad_norm: float | None = Field(None, gt=0, description="clip each client's gradient to this global "
+                                        "L2 norm (null = no clipping)")
+
+
+class _RankFractions(_Strict):
+    ranks: list[int] = Field(description="the distinct ranks, e.g. [4, 16]")
+    fractions: list[float] = Field(description="share of clients per rank, same length as ranks, sums to 1")
+
+    @model_validator(mode="after")
+    def _check(self) -> "_RankFractions":
+        if not self.ranks or len(self.ranks) != len(self.fractions):
+            raise ValueError("lora.rank.ranks and lora.rank.fractions must be non-empty and of equal length")
+        if any(r <= 0 for r in self.ranks):
+            raise ValueError("lora.rank.ranks must all be >= 1")
+        if any(f < 0 for f in self.fractions) or not math.isclose(sum(self.fractions), 1.0, abs_tol=1e-6):
+            raise ValueError(f"lora.rank.fractions must be >= 0 and sum to 1 (got {sum(self.fractions):g})")
+        return self
+
+
+class RankTiers(_RankFractions):
+    """Exact counts round(fraction·N) per rank, given to a seeded random permutation of the clients."""
+
+    scheme: Literal["tiers"] = Field(description="selects this rank scheme")
+
+
+class RankByDataSize(_RankFractions):
+    """Tiers by client size: the largest clients get the highest rank (counts as for `tiers`)."""
+
+    scheme: Literal["by_data_size"] = Field(description="selects this rank scheme")
+
+
+class RankByQuality(_Strict):
+    """ranks [low, high]: a `high_fraction` of the clients gets the high rank, high-quality ones first.
+
+    With `data.label_noise` the high-quality clients are the clean ones (see raysim.ranks.assign_ranks).
+    """
+
+    scheme: Literal["by_quality"] = Field(description="selects this rank scheme")
+    ranks: list[int] = Field(description="[low, high] with 1 <= low <= high")
+    high_fraction: float = Field(0.1, ge=0, le=1, description="share of clients with the high rank (0-1)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RankByQuality":
+        if len(self.ranks) != 2 or any(r <= 0 for r in self.ranks) or self.ranks[0] > self.ranks[1]:
+            raise ValueError(f"lora.rank.ranks must be [low, high] with 1 <= low <= high (got {self.ranks})")
+        return self
+
+
+def _rank_kind(v: Any) -> str | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return "int"
+    if isinstance(v, list):
+        return "list"
+    if isinstance(v, dict):
+        return v.get("scheme") if isinstance(v.get("scheme"), str) else None
+    return getattr(v, "scheme", None)
+
+
+RankSpec = Annotated[
+    Union[Annotated[int, Tag("int")], Annotated[list[int], Tag("list")], Annotated[RankTiers, Tag("tiers")],
+          Annotated[RankByQuality, Tag("by_quality")], Annotated[RankByDataSize, Tag("by_data_size")]],
+    Discriminator(_rank_kind, custom_error_type="rank_scheme",
+                  custom_error_message="expected an int, a per-client list of ints or {scheme: ...} with "
+                                       "scheme one of: tiers, by_quality, by_data_size"),
+]
+
+
+class LoRAConfig(_Strict):
+    """The LoRA adapters: rank per client, scaling, where they go, and the classifier head."""
+
+    rank: RankSpec = Field(8, description="one rank for all clients (int), one rank per client (list of "
+                           "num_clients ints), or a scheme below (`{scheme: tiers | by_quality | by_data_size, "
+                           "...}`); mixed ranks need an aggregator that supports them")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by s = alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input during local training")
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1,
+                                      description="names of the linear layers that get adapters (query and "
+                                      "value, as in the LoRA paper)")
+    train_head: bool = Field(True, description="train the classifier head (shared per head_policy); false "
+                             "keeps the randomly initialised head frozen")
+    head_policy: Literal["fedavg", "local"] = Field(
+        "fedavg", description="fedavg: the head is uploaded and averaged like FedAvg; local: each client keeps "
+        "its own head (never sent), personalised evaluation on")
+
+    @field_validator("head_policy")
+    @classmethod
+    def _head_trained(cls, v, info):
+        if v == "local" and not info.data.get("train_head", True):
+            raise ValueError("'local' needs lora.train_head: true (a frozen head has nothing local)")
+        return v
+
+    @field_validator("rank")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(f"lora.rank must be >= 1 (got {v})")
+        if isinstance(v, list) and (not v or any(r <= 0 for r in v)):
+            raise ValueError("lora.rank as a list needs one rank >= 1 per client")
+        return v
+
+    def max_rank(self) -> int:
+        if isinstance(self.rank, int):
+            return self.rank
+        if isinstance(self.rank, list):
+            return max(self.rank)
+        return max(self.rank.ranks)
+
+
+class AggregatorConfig(_Strict):
+    """`name` plus method parameters (e.g. {name: lora_fair, lam: 0.01}); the method validates them.
+
+    `name` works like the tag of a union: `--set aggregator.name=X` drops the parameters X does not have.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    TAG: ClassVar[str] = "name"
+    name: str = Field("fedit", description="aggregation method: a registered name (`raysim aggregators` lists "
+                      "them), an installed entry point of group `raysim.aggregators`, or `pkg.module:Class`")
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ResourcesConfig(_Strict):
+    """Ray workers that train the clients."""
+
+    num_workers: int = Field(2, ge=1, description="Ray actors that train clients in parallel (each holds one "
+                             "copy of the base model)")
+    cpus_per_worker: float = Field(1, ge=0, description="CPUs reserved per worker; also its torch thread count")
+    gpus_per_worker: float | Literal["auto"] = Field("auto", description="GPU share per worker (0.5 = two "
+                                                     "workers per GPU); `auto`: 1/num_workers of a GPU if the "
+                                                     "cluster has one, else 0")
+    engine: Literal["peft", "cohort"] = Field("peft", description="`peft`: one client per task with Hugging "
+                                              "Face PEFT; `cohort`: several clients trained together in one "
+                                              "batched pass (faster for many small clients)")
+    cohort_size: int = Field(8, ge=1, description="most clients per cohort with engine: cohort")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _non_negative(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("resources.gpus_per_worker must be >= 0 or 'auto'")
+        return v
+
+
+class EvalConfig(_Strict):
+    """Evaluation of the global (and personalised) models."""
+
+    every: int = Field(1, ge=1, description="evaluate the global model every N rounds (and always after the "
+                       "last)")
+    personalized: bool = Field(False, description="also report per-client accuracy on the local test splits "
+                               "(always on for personalised methods: fedsa, celora)")
+    batch_size: int = Field(64, ge=1, description="examples per evaluation batch (memory and speed only)")
+
+
+class FaultsConfig(_Strict):
+    """Injected failures, to test robustness; all off by default."""
+
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="probability that a sampled client drops out of "
+                             "a round (a simulated failure, never retried)")
+    kill_worker_at_round: int | None = Field(None, ge=1, description="kill one worker during this round "
+                                             "(null = never); the pool replaces it")
+    slow_client_s: float = Field(0.0, ge=0, description="extra seconds a 'slow' client sleeps before "
+                                 "returning its update")
+    slow_fraction: float = Field(0.0, ge=0, le=1, description="probability that a client task is slow (0-1)")
+
+
+class OutputConfig(_Strict):
+    """What a run writes besides metrics."""
+
+    save_updates: bool = Field(False, description="write updates/round-NNNN/ with what crossed the wire (large)")
+    checkpoint_every: int = Field(1, ge=0, description="checkpoint every N rounds and after the last (0: never; "
+                                  "a run can only be resumed from a checkpoint)")
+    wire_dtype_bytes: int = Field(4, ge=1, description="bytes per scalar when counting bytes_up/bytes_down "
+                                  "(4 = float32, 2 = a 16-bit wire format)")
+    debug: bool = Field(False, description="check every round that the factors a method keeps frozen (FFA's A, "
+                        "RoLoRA's idle factor, CE-LoRA's frame with train_ab: false) came back bit for bit")
+
+
+class ExperimentConfig(_Strict):
+    """One experiment: every key of the YAML file."""
+
+    name: str = Field("experiment", description="run name; the default run directory is runs/<name>-<time>")
+    seed: int = Field(0, description="seed of every random choice (data split, sampling, init, faults); the "
+                      "same config and seed give the same run")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="base model")
+    data: DataConfig = Field(default_factory=DataConfig, description="data source and partition")
+    federation: FederationConfig = Field(default_factory=FederationConfig, description="clients and rounds")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="local training")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA adapters")
+    aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig, description="aggregation method")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray workers")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    faults: FaultsConfig = Field(default_factory=FaultsConfig, description="fault injection")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="run outputs")
+
+    @model_validator(mode="after")
+    def _ranks_per_client(self) -> "ExperimentConfig":
+        if isinstance(self.lora.rank, list) and len(self.lora.rank) != self.federation.num_clients:
+            raise ValueError(f"lora.rank lists {len(self.lora.rank)} ranks but federation.num_clients "
+                             f"is {self.federation.num_clients}")
+        return self
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -16,7 +16,7 @@ __all__ = ["REGISTRY", "Aggregator", "aggregator_class", "build_aggregator", "re
 
 def resolve_aggregator(name: str, params: dict[str, Any], cfg: "ExperimentConfig | None" = None) -> Aggregator:
     """Build the aggregator and check it fits the config; raises ConfigError naming the key."""
-    from raysim.config import ConfigError
+    from raysim.errors import ConfigError
 
     agg = build_aggregator(name, params)
     if cfg is not None and not isinstance(cfg.lora.rank, int) and not agg.mixed_ranks:

@@ -2,28 +2,41 @@
 
 An aggregator is a server-side algorithm with two halves (the prepare/fold pair):
 
-- `plan(rnd, client_id, rank)` says what one sampled client starts from this round (its factors),
-  which factors it trains, which it uploads and which it was sent;
+- `plan(rnd, client_id)` says what one sampled client starts from this round (its factors), which
+  factors it trains, which it uploads and which it was sent, and optionally a function the client
+  runs on its own data (`client_hook`, e.g. CE-LoRA's label histogram);
 - `aggregate(rnd, updates)` folds the clients' end-of-round factors into the new global adapter
   and, for methods that change the frozen base, a factored base delta.
 
-Conventions (ALGORITHMS.md §1): a (r, n), b (m, r) unscaled, ΔW = s·b·a; weights p_k sum to 1 over
-the clients that completed the round. Server state lives on the instance and round-trips through
-`state_dict()` / `load_state_dict()` (numpy arrays + JSON-able metadata) for checkpoints.
+Conventions (docs/algorithms.md): a (r, n), b (m, r) unscaled, ΔW = s·b·a; weights p_k sum to 1 over
+the clients that completed the round. Server state lives on the instance; each class declares which
+attributes are global state (`global_state`) and which are per-client state (`client_state`, dicts
+keyed by client id), and `state_dict()` / `load_state_dict()` checkpoint exactly those.
 """
 
 from __future__ import annotations
 
 import importlib
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from raysim.aggregators.state import decode, encode
+from raysim.errors import ConfigError
 from raysim.lora.factors import BaseDelta, Factors, LoRAFactors
 
 AB = frozenset({"a", "b"})
+
+
+@dataclass
+class ClientData:
+    """What a client-side hook may read of one client: its training labels."""
+
+    labels: np.ndarray        # int64, the client's training labels
+    num_labels: int
 
 
 @dataclass
@@ -35,8 +48,10 @@ class ClientPlan:
     upload: frozenset[str] = AB      # factors sent to the server after training
     download: frozenset[str] = AB    # factors the server sent (charged as bytes_down)
     lr_scale: dict[str, float] = field(default_factory=dict)   # factor -> learning-rate multiplier (1.0)
-    descriptor: bool = False         # ask for the client's data descriptor (one-off upload, CE-LoRA)
-    extra_download: int = 0          # one-off scalars sent with this plan (e.g. a shared seed), §1.7
+    # run on the client's data where it lives; the result comes back as ClientUpdate.hook_output and is
+    # charged as an upload. A module-level function, so that it pickles.
+    client_hook: Callable[[ClientData], np.ndarray] | None = None
+    extra_download: int = 0          # one-off scalars sent with this plan (e.g. a shared seed)
 
 
 @dataclass
@@ -47,22 +62,29 @@ class ClientUpdate:
     weight: float                    # p_k, renormalised over completed clients
     num_samples: int
     factors: Factors
-    descriptor: np.ndarray | None = None   # data descriptor, sent once if the plan asked for it
+    hook_output: np.ndarray | None = None   # what plan.client_hook returned, if the plan had one
 
 
 @dataclass
 class AggregateResult:
     base_delta: dict[str, BaseDelta] | None = None   # change of W_base this round (nn.Linear orientation)
-    deviation_rel: float | None = None               # set only when the method defines its own (§1.5)
+    deviation_rel: float | None = None               # set only when the method defines its own
     stats: dict[str, float] = field(default_factory=dict)
 
 
-class NoParams(BaseModel):
+class MethodParams(BaseModel):
+    """Base of a method's parameters (`aggregator.params`): unknown keys are errors."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 class Aggregator:
-    """Base class. Subclasses set the class attributes and implement `aggregate`."""
+    """Base class. Subclasses set the class attributes and implement `aggregate`.
+
+    `global_state` and `client_state` name the attributes that make up the server state; subclasses
+    extend them (`global_state = Aggregator.global_state + ("svd",)`). Per-client state attributes are
+    dicts client id -> value and start empty; other state is initialised in `reset_state`.
+    """
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
@@ -72,7 +94,9 @@ class Aggregator:
     uploads: ClassVar[str] = "A_k, B_k"
     broadcasts: ClassVar[str] = "A_g, B_g"
     comm_per_module: ClassVar[str] = "up r(m+n), down r(m+n)"
-    Params: ClassVar[type[BaseModel]] = NoParams
+    Params: ClassVar[type[BaseModel]] = MethodParams
+    global_state: ClassVar[tuple[str, ...]] = ("global_factors",)
+    client_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any):
         self.params = self.Params(**params)
@@ -80,12 +104,19 @@ class Aggregator:
         self.client_ranks: dict[int, int] = {}
         self.scale_of_rank: Callable[[int], float] = lambda r: 1.0
         self.seed = 0
+        self.reset_state()
 
     # -- lifecycle --------------------------------------------------------------------------------
+
+    def reset_state(self) -> None:
+        """Empty server state: every per-client state dict becomes {}. Called by __init__ and setup."""
+        for name in self.client_state:
+            setattr(self, name, {})
 
     def setup(self, init: Factors, client_ranks: dict[int, int], scale_of_rank: Callable[[int], float],
               seed: int) -> None:
         """init: the round-0 adapter at the maximum rank (PEFT init: a Kaiming, b = 0)."""
+        self.reset_state()
         self.global_factors = {k: f.copy() for k, f in init.items()}
         self.client_ranks = dict(client_ranks)
         self.scale_of_rank = scale_of_rank
@@ -106,12 +137,23 @@ class Aggregator:
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(tensors, JSON metadata). Default: the global factors."""
-        tensors, meta = factors_to_tensors(self.global_factors, "global")
-        return tensors, {"global": meta}
+        """(tensors, JSON metadata) of the declared state; tensor names start with the attribute name."""
+        tensors: dict[str, np.ndarray] = {}
+        meta: dict[str, Any] = {"global": {}, "client": {}}
+        for name in self.global_state:
+            meta["global"][name] = encode(getattr(self, name), name, tensors)
+        for name in self.client_state:
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                raise TypeError(f"{type(self).__name__}.{name} is per-client state and must be a dict "
+                                f"client id -> value (got {type(value).__name__})")
+            meta["client"][name] = encode(value, name, tensors)
+        return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        self.global_factors = tensors_to_factors(tensors, "global", meta["global"])
+        for group, names in (("global", self.global_state), ("client", self.client_state)):
+            for name in names:
+                setattr(self, name, decode(meta[group][name], name, tensors))
 
     @classmethod
     def describe(cls) -> dict[str, str]:
@@ -132,6 +174,26 @@ def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
     return out
 
 
+def average_parts(previous: Factors, updates: list[ClientUpdate], parts: frozenset[str]) -> Factors:
+    """New global factors: the p-weighted mean of the factors in `parts`, the others kept as they are.
+
+    A is averaged as is, B as B̃ = s_k·B_k and then divided by the global scale (so clients of other
+    scales add up correctly); both are cast to the dtype of `previous`. Factors not in `parts` are the
+    very same arrays as in `previous` (FFA's frozen A, RoLoRA's frozen factor).
+    """
+    weights = [u.weight for u in updates]
+    out = {}
+    for name, g in previous.items():
+        a, b = g.a, g.b
+        if "a" in parts:
+            a = weighted_mean([u.factors[name].a for u in updates], weights).astype(g.a.dtype)       # (r, n)
+        if "b" in parts:
+            bt = weighted_mean([u.factors[name].b_tilde() for u in updates], weights)                # (m, r)
+            b = (bt / g.scale).astype(g.b.dtype)
+        out[name] = LoRAFactors(a=a, b=b, scale=g.scale)
+    return out
+
+
 def truncate(factors: Factors, rank: int, scale: float) -> Factors:
     """First `rank` slots of every module, re-expressed for a client of scale `scale` (b = b̃ / scale)."""
     out = {}
@@ -141,29 +203,35 @@ def truncate(factors: Factors, rank: int, scale: float) -> Factors:
     return out
 
 
+def client_start(factors: Factors, rank: int, scale: float) -> Factors:
+    """`truncate`, except that modules whose rank and scale already match are copied bit for bit.
+
+    truncate computes b = (s_g·b_g)/s_j, which can move b by one ulp even when s_j = s_g; methods whose
+    exactness relies on a factor being identical on every client (frozen A, alternating phases) use this.
+    """
+    out = {}
+    for name, f in factors.items():
+        if f.rank == rank and float(f.scale) == float(scale) and f.c is None:
+            out[name] = f.copy()
+        else:
+            out.update(truncate({name: f}, rank, scale))
+    return out
+
+
 def kaiming_a(rank: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """PEFT's default A init (kaiming_uniform_, a=√5): U(−1/√n, 1/√n), shape (rank, n), float32."""
     bound = 1.0 / np.sqrt(n)
     return rng.uniform(-bound, bound, size=(rank, n)).astype(np.float32)
 
 
-def factors_to_tensors(factors: Factors, prefix: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    tensors, scales = {}, {}
-    for name, f in factors.items():
-        tensors[f"{prefix}/{name}.lora_A"] = np.ascontiguousarray(f.a)
-        tensors[f"{prefix}/{name}.lora_B"] = np.ascontiguousarray(f.b)
-        if f.c is not None:
-            tensors[f"{prefix}/{name}.lora_C"] = np.ascontiguousarray(f.c)
-        scales[name] = float(f.scale)
-    return tensors, scales
+def derived_rng(seed: int, *keys: int | str) -> np.random.Generator:
+    """Generator seeded from (seed, *keys), e.g. (run seed, round, client id, module name).
 
-
-def tensors_to_factors(tensors: dict[str, np.ndarray], prefix: str, scales: dict[str, float]) -> Factors:
-    return {name: LoRAFactors(a=np.array(tensors[f"{prefix}/{name}.lora_A"]),
-                              b=np.array(tensors[f"{prefix}/{name}.lora_B"]), scale=float(s),
-                              c=(np.array(tensors[f"{prefix}/{name}.lora_C"])
-                                 if f"{prefix}/{name}.lora_C" in tensors else None))
-            for name, s in scales.items()}
+    Strings enter through a stable CRC32 (never Python's randomised hash), so the stream depends only
+    on the keys: not on call order, process or worker.
+    """
+    words = [int(k) % (1 << 64) if not isinstance(k, str) else zlib.crc32(k.encode()) for k in (seed, *keys)]
+    return np.random.default_rng(np.random.SeedSequence(words))
 
 
 # ----------------------------------------------------------------------------- registry
@@ -194,8 +262,6 @@ def _entry_point_aggregators() -> dict[str, Any]:
 
 def aggregator_class(name: str) -> type[Aggregator]:
     """Registered name, entry point (group `raysim.aggregators`) or dotted path `pkg.mod:Class`."""
-    from raysim.config import ConfigError
-
     if name in REGISTRY:
         return REGISTRY[name]
     if ":" in name:
@@ -221,8 +287,6 @@ def aggregator_class(name: str) -> type[Aggregator]:
 
 
 def build_aggregator(name: str, params: dict[str, Any]) -> Aggregator:
-    from raysim.config import ConfigError
-
     cls = aggregator_class(name)
     try:
         return cls(**params)
@@ -233,33 +297,3 @@ def build_aggregator(name: str, params: dict[str, Any]) -> Aggregator:
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             msgs.append(f"aggregator.{key}: {msg} (method {name!r})")
         raise ConfigError("invalid config:\n  " + "\n  ".join(msgs)) from None
-
-
-# ----------------------------------------------------------------------------- helpers (added for ffa … rolora)
-
-
-def derived_rng(seed: int, *keys: int | str) -> np.random.Generator:
-    """Generator seeded from (seed, *keys), e.g. (run seed, round, client id, module name).
-
-    Strings enter through a stable CRC32 (never Python's randomised hash), so the stream depends only
-    on the keys: not on call order, process or worker.
-    """
-    import zlib
-
-    words = [int(k) % (1 << 64) if not isinstance(k, str) else zlib.crc32(k.encode()) for k in (seed, *keys)]
-    return np.random.default_rng(np.random.SeedSequence(words))
-
-
-def client_start(factors: Factors, rank: int, scale: float) -> Factors:
-    """`truncate`, except that modules whose rank and scale already match are copied bit for bit.
-
-    truncate computes b = (s_g·b_g)/s_j, which can move b by one ulp even when s_j = s_g; methods whose
-    exactness relies on a factor being identical on every client (frozen A, alternating phases) use this.
-    """
-    out = {}
-    for name, f in factors.items():
-        if f.rank == rank and float(f.scale) == float(scale) and f.c is None:
-            out[name] = f.copy()
-        else:
-            out.update(truncate({name: f}, rank, scale))
-    return out

@@ -1,25 +1,25 @@
 """CE-LoRA: tri-matrix B·C·A, only C shared, personalised similarity-weighted mixing (arXiv 2503.23869).
 
-The paper publishes no server handler; everything below is raysim's specification (ALGORITHMS.md §2.11 ◆).
+The paper publishes no server handler; everything below is raysim's specification (◆, see
+docs/algorithms.md, CE-LoRA).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from raysim.aggregators.base import (AggregateResult, Aggregator, ClientPlan, ClientUpdate, derived_rng,
-                                     kaiming_a, register, weighted_mean)
+from raysim.aggregators.base import (AggregateResult, Aggregator, ClientData, ClientPlan, ClientUpdate,
+                                     MethodParams, derived_rng, kaiming_a, register, weighted_mean)
 from raysim.lora.factors import Factors, LoRAFactors, fold_core
 
 ONLY_C = frozenset({"c"})
 ABC = frozenset({"a", "b", "c"})
 
 
-class CELoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CELoRAParams(MethodParams):
     tau: float = Field(5.0, ge=0, description="softmax temperature τ; 0 = uniform averaging")
     beta: float = Field(0.5, ge=0, le=1, description="mix β of data similarity vs parameter similarity")
     train_ab: bool = Field(True, description="train the client-local A, B (false: frozen shared frame)")
@@ -28,9 +28,10 @@ class CELoRAParams(BaseModel):
     descriptor_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on each descriptor")
 
 
-def label_descriptor(labels: np.ndarray, num_labels: int) -> np.ndarray:
-    """d_k: the normalised histogram of a client's training labels, (num_labels,) float32."""
-    hist = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)[:num_labels].astype(np.float64)
+def label_descriptor(data: ClientData) -> np.ndarray:
+    """CE-LoRA's client hook: d_k, the normalised histogram of the client's training labels, float32."""
+    num_labels = data.num_labels
+    hist = np.bincount(np.asarray(data.labels, dtype=np.int64), minlength=num_labels)[:num_labels].astype(np.float64)
     total = hist.sum()
     return (hist / total if total > 0 else hist).astype(np.float32)
 
@@ -88,14 +89,16 @@ class CELoRA(Aggregator):
     comm_per_module = "up r², down r² (+ descriptor once)"
     Params = CELoRAParams
 
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        self.frame: dict[str, tuple[np.ndarray, np.ndarray]] = {}       # module -> shared (A, B)
-        self.client_c: dict[int, dict[str, np.ndarray]] = {}            # personalised C_k
-        self.client_ab: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}   # local (A_k, B_k)
-        self.descriptors: dict[int, np.ndarray] = {}
-        self.last_weights: np.ndarray | None = None                      # W of the last round
-        self.last_clients: list[int] = []
+    global_state = Aggregator.global_state + ("last_weights",)
+    client_state = ("client_c", "client_ab", "descriptors")
+    client_c: dict[int, dict[str, np.ndarray]]                          # personalised C_k
+    client_ab: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]]      # local (A_k, B_k)
+    descriptors: dict[int, np.ndarray]                                  # d_k, as received
+    last_weights: np.ndarray | None                                     # W of the last round
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.last_weights = None
 
     def setup(self, init, client_ranks, scale_of_rank, seed) -> None:
         super().setup(init, client_ranks, scale_of_rank, seed)
@@ -104,15 +107,13 @@ class CELoRA(Aggregator):
             raise ValueError("celora needs one rank for all clients")
         r = ranks.pop()
         scale = scale_of_rank(r)
-        self.frame, self.global_factors = {}, {}
+        self.global_factors = {}
         for name, f in init.items():
             m, n = f.shape
             rng = derived_rng(seed, "celora-frame", name)
             a = kaiming_a(r, n, rng).astype(f.a.dtype)               # U(±1/√n), fan-in n
             b = kaiming_a(m, r, rng).astype(f.a.dtype)               # U(±1/√r), fan-in r
-            self.frame[name] = (a, b)
             self.global_factors[name] = LoRAFactors(a=a, b=b, scale=scale, c=np.zeros((r, r), dtype=f.a.dtype))
-        self.client_c, self.client_ab, self.descriptors = {}, {}, {}
 
     # -- per-client state ------------------------------------------------------------------------------
 
@@ -123,7 +124,10 @@ class CELoRA(Aggregator):
         return {name: np.zeros_like(g.c) for name, g in self.global_factors.items()}
 
     def own_ab(self, client_id: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        return self.client_ab.get(client_id, self.frame)
+        """The client's local (A_k, B_k); the shared frame (the global A, B) before it first trains."""
+        if client_id in self.client_ab:
+            return self.client_ab[client_id]
+        return {name: (g.a, g.b) for name, g in self.global_factors.items()}
 
     def plan(self, rnd: int, client_id: int) -> ClientPlan:
         scale = self.global_factors[next(iter(self.global_factors))].scale
@@ -134,7 +138,7 @@ class CELoRA(Aggregator):
         first = client_id not in self.client_c
         return ClientPlan(start=start, train=ABC if p.train_ab else ONLY_C, upload=ONLY_C, download=ONLY_C,
                           lr_scale={"a": p.ab_lr_scale, "b": p.ab_lr_scale},
-                          descriptor=client_id not in self.descriptors,
+                          client_hook=None if client_id in self.descriptors else label_descriptor,
                           extra_download=1 if first else 0)     # the frame's shared seed, once
 
     # -- server ------------------------------------------------------------------------------------------
@@ -143,20 +147,12 @@ class CELoRA(Aggregator):
         p = self.params
         updates = sorted(updates, key=lambda u: u.client_id)
         names = list(self.global_factors)
-        received = 0
-        for u in updates:
-            if u.descriptor is not None and u.client_id not in self.descriptors:
-                d = np.asarray(u.descriptor, dtype=np.float64)
-                if p.descriptor_noise > 0:     # simulates noise the client adds before sending
-                    d = d + p.descriptor_noise * derived_rng(self.seed, "celora-descriptor", u.client_id).normal(
-                        size=d.shape)
-                self.descriptors[u.client_id] = d
-                received += 1
+        received = self._receive_descriptors(updates)
         after = [{name: u.factors[name].c for name in names} for u in updates]
         deltas = [np.concatenate([(c[name].astype(np.float64) - self.own_c(u.client_id)[name]).ravel()
                                   for name in names]) for u, c in zip(updates, after)]
         pw = np.array([u.weight for u in updates])
-        # log p_j with `prior: samples`; a client of weight 0 is never mixed into others (ALGORITHMS.md §4)
+        # log p_j with `prior: samples`; a client of weight 0 is never mixed into others
         with np.errstate(divide="ignore"):
             prior = np.log(pw) if p.prior == "samples" else np.where(pw > 0, 0.0, -np.inf)
         w = personal_weights([self.descriptors.get(u.client_id) for u in updates], deltas, p.tau, p.beta, prior)
@@ -169,42 +165,25 @@ class CELoRA(Aggregator):
                                                for name in names}
         for name, g in self.global_factors.items():
             g.c = weighted_mean([c[name] for c in after], list(pw)).astype(g.c.dtype)   # C̄, plain p-average
-        self.last_weights, self.last_clients = w, [u.client_id for u in updates]
+        self.last_weights = w
         return AggregateResult(stats=_weight_stats(w) | {"descriptors_received": float(received)})
+
+    def _receive_descriptors(self, updates: list[ClientUpdate]) -> int:
+        """Store the descriptors d_k that came with this round's updates (each client's first); returns how many."""
+        received = 0
+        for u in updates:
+            if u.hook_output is not None and u.client_id not in self.descriptors:
+                d = np.asarray(u.hook_output, dtype=np.float64)
+                if self.params.descriptor_noise > 0:     # simulates noise the client adds before sending
+                    noise = derived_rng(self.seed, "celora-descriptor", u.client_id).normal(size=d.shape)
+                    d = d + self.params.descriptor_noise * noise
+                self.descriptors[u.client_id] = d
+                received += 1
+        return received
 
     def evaluation_factors(self) -> Factors:
         """The shared frame with C̄, as plain LoRA factors (b ← b·C̄): the same ΔW, exportable by PEFT."""
         return fold_core(self.global_factors)
-
-    # -- checkpoints ---------------------------------------------------------------------------------------
-
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        tensors, meta = super().state_dict()
-        for cid, cs in self.client_c.items():
-            for name, c in cs.items():
-                tensors[f"client/{cid}/{name}.lora_C"] = np.ascontiguousarray(c)
-        for cid, abs_ in self.client_ab.items():
-            for name, (a, b) in abs_.items():
-                tensors[f"client/{cid}/{name}.lora_A"] = np.ascontiguousarray(a)
-                tensors[f"client/{cid}/{name}.lora_B"] = np.ascontiguousarray(b)
-        for cid, d in self.descriptors.items():
-            tensors[f"descriptor/{cid}"] = np.ascontiguousarray(d)
-        meta["celora"] = {"client_c": sorted(int(c) for c in self.client_c),
-                          "client_ab": sorted(int(c) for c in self.client_ab),
-                          "descriptors": sorted(int(c) for c in self.descriptors),
-                          "modules": list(self.global_factors)}
-        return tensors, meta
-
-    def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        super().load_state_dict(tensors, meta)
-        cm = meta["celora"]
-        names = cm["modules"]
-        self.client_c = {cid: {n: np.array(tensors[f"client/{cid}/{n}.lora_C"]) for n in names}
-                         for cid in cm["client_c"]}
-        self.client_ab = {cid: {n: (np.array(tensors[f"client/{cid}/{n}.lora_A"]),
-                                    np.array(tensors[f"client/{cid}/{n}.lora_B"])) for n in names}
-                          for cid in cm["client_ab"]}
-        self.descriptors = {cid: np.array(tensors[f"descriptor/{cid}"]) for cid in cm["descriptors"]}
 
 
 def _weight_stats(w: np.ndarray) -> dict[str, float]:

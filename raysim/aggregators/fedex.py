@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from raysim.aggregators.base import AggregateResult, Aggregator, ClientUpdate, register
-from raysim.aggregators.fedit import _to32
-from raysim.aggregators.padding import zero_padded_mean
-from raysim.lora.factors import BaseDelta, Factors, LoRAFactors
+from raysim.aggregators.base import ClientUpdate, register
+from raysim.aggregators.fedit import FedIT
+from raysim.lora.factors import BaseDelta, Factors
 
 
 def fedex_residual(updates: list[ClientUpdate], mean: Factors) -> dict[str, BaseDelta]:
-    """R = Σ p_k B̃_k A_k − B̃̄ Ā, factored with the redundant block dropped (ALGORITHMS.md §2.2).
+    """R = Σ p_k B̃_k A_k − B̃̄ Ā, factored with the redundant block dropped (docs/algorithms.md, FedEx-LoRA).
 
     Equal ranks: R_U = [p_k (B̃_k − B̃_K)]_{k<K} (m, (K−1)r), R_V = [A_k − Ā]_{k<K} ((K−1)r, n), float64.
     Identity used: Σ_k p_k (B̃_k − B̃̄)(A_k − Ā) = Σ_k p_k (B̃_k − B̃_ref)(A_k − Ā) for any ref, since
@@ -52,8 +51,8 @@ def fedex_residual(updates: list[ClientUpdate], mean: Factors) -> dict[str, Base
 
 
 @register("fedex")
-class FedEx(Aggregator):
-    """FedAvg of A and B plus the residual Σ p_k s B_k A_k − s B̄ Ā folded into the frozen base: exact.
+class FedExLoRA(FedIT):
+    """FedIT plus the residual Σ p_k s B_k A_k − s B̄ Ā folded into the frozen base: exact.
 
     Clients continue from (Ā, B̄) after folding R (sent factored, rank ≤ (K−1)r, or dense if smaller).
     Mixed ranks: Ā, B̄ are the zero-padded slot-wise averages (as FedIT), each client starts from the
@@ -61,15 +60,9 @@ class FedEx(Aggregator):
     """
 
     exact = True
-    mixed_ranks = True
     changes_base = True
-    uploads = "A_k (r×n), B_k (m×r)"
     broadcasts = "A_g, B_g + residual R (factored, rank ≤ (K−1)r)"
     comm_per_module = "up r(m+n), down r(m+n) + min(mn, (K−1)r(m+n))"
 
-    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
-        scale = next(iter(self.global_factors.values())).scale
-        mean = zero_padded_mean(updates, self.global_factors, scale)     # == average_factors for equal ranks
-        residual = fedex_residual(updates, mean)
-        self.global_factors = {k: _to32(f) for k, f in mean.items()}
-        return AggregateResult(base_delta=residual)
+    def base_change(self, updates: list[ClientUpdate], mean: Factors) -> dict[str, BaseDelta]:
+        return fedex_residual(updates, mean)

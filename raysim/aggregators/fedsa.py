@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from raysim.aggregators.base import (AggregateResult, Aggregator, ClientPlan, ClientUpdate, client_start,
-                                     register, weighted_mean)
+from raysim.aggregators.base import (AB, AggregateResult, Aggregator, ClientPlan, ClientUpdate, average_parts,
+                                     client_start, register)
 from raysim.lora.factors import Factors, LoRAFactors, product_fro_norm
 
 ONLY_A = frozenset({"a"})
@@ -29,14 +27,8 @@ class FedSA(Aggregator):
     uploads = "A_k (r×n)"
     broadcasts = "Ā"
     comm_per_module = "up rn, down rn"
-
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        self.client_b: dict[int, dict[str, np.ndarray]] = {}     # client id -> module -> B_k (m, r_k)
-
-    def setup(self, init, client_ranks, scale_of_rank, seed) -> None:
-        super().setup(init, client_ranks, scale_of_rank, seed)
-        self.client_b = {}
+    client_state = ("client_b",)
+    client_b: dict[int, dict[str, np.ndarray]]      # client id -> module -> B_k (m, r_k), as trained
 
     def own_b(self, client_id: int) -> dict[str, np.ndarray]:
         """Client's stored B (unscaled, its own rank); zeros before its first participation."""
@@ -55,32 +47,12 @@ class FedSA(Aggregator):
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
         updates = sorted(updates, key=lambda u: u.client_id)      # order-independent round-off
-        weights = [u.weight for u in updates]
-        new: Factors = {}
-        for name, g in self.global_factors.items():
-            a_bar = weighted_mean([u.factors[name].a for u in updates], weights)            # Ā (r, n)
-            bt_bar = weighted_mean([u.factors[name].b_tilde() for u in updates], weights)   # diagnostic (m, r)
-            new[name] = LoRAFactors(a=a_bar.astype(g.a.dtype), b=(bt_bar / g.scale).astype(g.b.dtype),
-                                    scale=g.scale)
+        new = average_parts(self.global_factors, updates, AB)     # Ā, and the diagnostic B̄
         drift = {u.client_id: _broadcast_drift(u.factors, new) for u in updates}
         for u in updates:   # the clients' own B, stored as trained (the server never changes them)
             self.client_b[u.client_id] = {name: f.b.copy() for name, f in u.factors.items()}
         self.global_factors = new
         return AggregateResult(stats=_drift_stats(drift, {u.client_id: u.weight for u in updates}))
-
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        tensors, meta = super().state_dict()
-        meta["client_b"] = []
-        for cid, bs in sorted(self.client_b.items()):
-            for name, b in bs.items():
-                tensors[f"client/{cid}/{name}.lora_B"] = np.ascontiguousarray(b)
-            meta["client_b"].append([int(cid), list(bs)])
-        return tensors, meta
-
-    def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        super().load_state_dict(tensors, meta)
-        self.client_b = {int(cid): {name: np.array(tensors[f"client/{cid}/{name}.lora_B"]) for name in names}
-                         for cid, names in meta.get("client_b", [])}
 
 
 def _broadcast_drift(client: Factors, shared: Factors) -> float:

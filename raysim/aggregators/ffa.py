@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from raysim.aggregators.base import (AggregateResult, Aggregator, ClientPlan, ClientUpdate, client_start,
-                                     register, weighted_mean)
-from raysim.lora.factors import LoRAFactors
+from raysim.aggregators.base import (AggregateResult, Aggregator, ClientPlan, ClientUpdate, average_parts,
+                                     client_start, register)
+
+ONLY_B = frozenset({"b"})
 
 
 @register("ffa")
@@ -24,15 +25,9 @@ class FFA(Aggregator):
     def plan(self, rnd: int, client_id: int) -> ClientPlan:
         rank = self.client_ranks[client_id]
         start = client_start(self.global_factors, rank, self.scale_of_rank(rank))  # A bitwise = init A
-        only_b = frozenset({"b"})
-        return ClientPlan(start=start, train=only_b, upload=only_b, download=only_b)
+        return ClientPlan(start=start, train=ONLY_B, upload=ONLY_B, download=ONLY_B)
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
         updates = sorted(updates, key=lambda u: u.client_id)      # order-independent round-off
-        weights = [u.weight for u in updates]
-        new = {}
-        for name, g in self.global_factors.items():
-            bt = weighted_mean([u.factors[name].b_tilde() for u in updates], weights)   # B̃̄ (m, r)
-            new[name] = LoRAFactors(a=g.a, b=(bt / g.scale).astype(g.b.dtype), scale=g.scale)  # same A object
-        self.global_factors = new
+        self.global_factors = average_parts(self.global_factors, updates, ONLY_B)   # the same A arrays
         return AggregateResult()

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from raysim.aggregators.base import (AggregateResult, Aggregator, ClientPlan, ClientUpdate, derived_rng,
-                                     kaiming_a, register)
+from raysim.aggregators.base import (AggregateResult, Aggregator, ClientPlan, ClientUpdate, MethodParams,
+                                     derived_rng, kaiming_a, register)
 from raysim.lora.factors import Factors, LoRAFactors, ideal_update
 
 
-class FlexLoRAParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FlexLoRAParams(MethodParams):
     split: Literal["even", "us_v"] = Field(
         "even", description="how Σ is split between the factors: 'even' (B̃ = YΣ^½, A = Σ^½Zᵀ) or "
                             "'us_v' (B̃ = YΣ, A = Zᵀ); the product is the same")
 
 
 def thin_svd(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact thin SVD of u @ v = Y·diag(σ)·Zᵀ without forming it while q < min(m, n) (ALGORITHMS.md §1.6).
+    """Exact thin SVD of u @ v = Y·diag(σ)·Zᵀ without forming it while q < min(m, n).
 
     u (m, q), v (q, n) -> Y (m, k), σ (k,) descending, Z (n, k), k = min(q, m, n); float64. QR of both
     stacked factors, then the SVD of the q×q core R₁R₂ᵀ; the dense SVD only when q ≥ min(m, n).
@@ -93,14 +91,12 @@ class FlexLoRA(Aggregator):
     broadcasts = "per client, the rank-r_j SVD truncation of ΔW*"
     comm_per_module = "up r_k(m+n), down r_j(m+n)"
     Params = FlexLoRAParams
+    global_state = Aggregator.global_state + ("svd",)
+    svd: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None     # module -> (Y, σ, Z) of ΔW*
 
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        self.svd: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None   # module -> (Y, σ, Z)
-
-    def setup(self, init, client_ranks, scale_of_rank, seed) -> None:
-        super().setup(init, client_ranks, scale_of_rank, seed)
-        self.svd = None
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.svd = None         # before the first aggregation: clients start from the truncated init
 
     def _truncate(self, rank: int, scale: float, *keys: int | str) -> Factors:
         out = {}
@@ -141,19 +137,3 @@ class FlexLoRA(Aggregator):
             deviation_rel=float(np.sqrt(client_tail2 / star2)) if star2 > 1e-24 else nan,
             stats={"global_trunc_err_rel": float(np.sqrt(global_tail2 / star2)) if star2 > 1e-24 else nan,
                    "stack_rank": float(q), "svd_rank": float(svd_rank)})
-
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        tensors, meta = super().state_dict()
-        meta["svd"] = None if self.svd is None else list(self.svd)
-        for name, (y, sigma, z) in (self.svd or {}).items():
-            tensors[f"svd/{name}.Y"] = np.ascontiguousarray(y)
-            tensors[f"svd/{name}.sigma"] = np.ascontiguousarray(sigma)
-            tensors[f"svd/{name}.Z"] = np.ascontiguousarray(z)
-        return tensors, meta
-
-    def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        super().load_state_dict(tensors, meta)
-        names = meta.get("svd")
-        self.svd = None if names is None else {
-            name: (np.array(tensors[f"svd/{name}.Y"]), np.array(tensors[f"svd/{name}.sigma"]),
-                   np.array(tensors[f"svd/{name}.Z"])) for name in names}

@@ -5,15 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from raysim.aggregators.base import AggregateResult, Aggregator, ClientUpdate, register, weighted_mean
+from raysim.aggregators.base import AggregateResult, Aggregator, ClientUpdate, MethodParams, register, weighted_mean
 from raysim.lora.factors import LoRAFactors, ideal_update, product_fro_norm
 
 
-class LoRAFairParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LoRAFairParams(MethodParams):
     lam: float = Field(0.01, ge=0, description="λ, weight of the unsquared ‖ΔB‖_F term (paper: 0.01)")
     solver: Literal["adam", "ls", "ls_ridge"] = Field(
         "adam", description="'adam': the paper's objective, best iterate kept; 'ls': closed-form least "
@@ -86,8 +84,8 @@ class FairProblem:
 class LoRAFair(Aggregator):
     """LoRA-FAIR: FedAvg, then B_g = B̄ + ΔB with ΔB maximising cos(ΔW*, s(B̄+ΔB)Ā) − λ‖ΔB‖, per module.
 
-    Each module is corrected independently, all terms in factored form (ALGORITHMS.md §2.4); A_g = Ā.
-    Solvers: `adam` (float64 Adam with analytic gradients, lr = lr_factor·RMS(B̄), best iterate kept,
+    Each module is corrected independently, all terms in factored form (docs/algorithms.md, LoRA-FAIR);
+    A_g = Ā. Solvers: `adam` (float64 Adam with analytic gradients, lr = lr_factor·RMS(B̄), best iterate kept,
     ΔB = 0 included, so the objective never rises), `ls` (ΔB = (ΔW*/s − B̄Ā)Āᵀ(ĀĀᵀ+εI)⁻¹, which at ε → 0
     attains the largest cosine among matrices with rows in Ā's row space, ΔW*·Π_Ā) and `ls_ridge` (the
     same with ĀĀᵀ + (μ+ε)I). Modules with ΔW* = 0 (for adam also B̄Ā = 0, for ls Ā = 0) are skipped

@@ -1,4 +1,5 @@
-"""Slot-wise arithmetic for clients of different ranks (ALGORITHMS.md §2.7 HetLoRA, §2.8 replication).
+"""Slot-wise averaging for clients of different ranks: the arithmetic, and the aggregator base that
+HetLoRA and replication padding share (docs/algorithms.md, HetLoRA and Replication padding).
 
 A rank slot j is the pair (row A[j, :], column B̃[:, j]). A client of rank r_k owns slots 0 … r_k−1.
 With weights w_k (Σ w_k = 1 over this round's clients) and H_j = {k : r_k > j}:
@@ -17,9 +18,12 @@ No Ray, no torch; float64 throughout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 
+from raysim.aggregators.base import AggregateResult, Aggregator, ClientUpdate, MethodParams
 from raysim.lora.factors import Factors, LoRAFactors
 
 
@@ -95,11 +99,53 @@ def padded_average(factors_by_module: dict[str, list[LoRAFactors]], weights: dic
     return out, pis
 
 
-def zero_padded_mean(updates, previous: Factors, scale: float) -> Factors:
+def zero_padded_mean(updates: list[ClientUpdate], previous: Factors, scale: float) -> Factors:
     """FedIT with mixed ranks: p-weighted zero-padded average at the global rank, float64.
 
-    updates: ClientUpdate list. Equal ranks: bitwise `raysim.aggregators.fedit.average_factors`.
+    Equal ranks: bitwise the plain average Σ p_k A_k, (Σ p_k B̃_k) / scale.
     """
     by_module = {name: [u.factors[name] for u in updates] for name in updates[0].factors}
     return padded_average(by_module, [u.weight for u in updates], previous, scale)[0]
 
+
+def slot_stats(pis: dict[str, np.ndarray], updates: list[ClientUpdate], r_max: int) -> dict[str, float]:
+    """Dilution diagnostics: π of the first and last slot (mean over modules) and owners of the last slot."""
+    last = np.mean([pi[-1] for pi in pis.values()])
+    first = np.mean([pi[0] for pi in pis.values()])
+    owners = sum(1 for u in updates if next(iter(u.factors.values())).rank >= r_max)
+    return {"pi_first_slot": float(first), "pi_last_slot": float(last), "owners_last_slot": float(owners)}
+
+
+class PaddingParams(MethodParams):
+    empty_slots: Literal["keep", "zero"] = Field(
+        "keep", description="slots no participant owns this round: keep their value (◆ default) or set 0")
+
+
+class SlotPadding(Aggregator):
+    """Slot-wise weighted average at the global rank (r_max); each client starts from its first r_k slots.
+
+    The shared base of HetLoRA (zero-padding, `renormalise = False`) and replication padding
+    (`renormalise = True`); subclasses may also choose other client weights (`client_weights`).
+    """
+
+    exact = False
+    mixed_ranks = True
+    uploads = "A_k (r_k×n), B_k (m×r_k)"
+    broadcasts = "A_g[:r_k], B_g[:, :r_k] (truncation to the client's rank)"
+    comm_per_module = "up r_k(m+n), down r_k(m+n)"
+    Params = PaddingParams
+    renormalise: ClassVar[bool] = False
+
+    def client_weights(self, updates: list[ClientUpdate]) -> dict[str, np.ndarray] | list[float]:
+        """w_k: one list for all modules or a dict module -> weights. Default: p_k."""
+        return [u.weight for u in updates]
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
+        g0 = next(iter(self.global_factors.values()))
+        scale, dtype, r_max = g0.scale, g0.a.dtype, g0.rank
+        by_module = {name: [u.factors[name] for u in updates] for name in self.global_factors}
+        new, pis = padded_average(by_module, self.client_weights(updates), self.global_factors, scale,
+                                  renormalise=self.renormalise, empty_slots=self.params.empty_slots)
+        self.global_factors = {k: LoRAFactors(a=f.a.astype(dtype), b=f.b.astype(dtype), scale=f.scale)
+                               for k, f in new.items()}
+        return AggregateResult(stats=slot_stats(pis, updates, r_max))

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
-
-from raysim.aggregators.base import (AB, AggregateResult, Aggregator, ClientPlan, ClientUpdate, client_start,
-                                     register, weighted_mean)
-from raysim.lora.factors import LoRAFactors
+from raysim.aggregators.base import (AB, AggregateResult, Aggregator, ClientPlan, ClientUpdate, average_parts,
+                                     client_start, register)
 
 
 def phase(rnd: int) -> str:
@@ -31,14 +26,8 @@ class RoLoRA(Aggregator):
     uploads = "B_k (m×r) in odd rounds, A_k (r×n) in even rounds"
     broadcasts = "the factor averaged in the previous round (both after a missed round)"
     comm_per_module = "up rm or rn (alternating), down rn or rm (r(m+n) after a missed round)"
-
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        self.last_round: dict[int, int] = {}     # client id -> last round whose update was aggregated
-
-    def setup(self, init, client_ranks, scale_of_rank, seed) -> None:
-        super().setup(init, client_ranks, scale_of_rank, seed)
-        self.last_round = {}
+    client_state = ("last_round",)
+    last_round: dict[int, int]          # client id -> last round whose update was aggregated
 
     def plan(self, rnd: int, client_id: int) -> ClientPlan:
         rank = self.client_ranks[client_id]
@@ -50,26 +39,8 @@ class RoLoRA(Aggregator):
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
         updates = sorted(updates, key=lambda u: u.client_id)      # order-independent round-off
-        weights = [u.weight for u in updates]
         trained = phase(rnd)
-        new = {}
-        for name, g in self.global_factors.items():
-            if trained == "b":
-                bt = weighted_mean([u.factors[name].b_tilde() for u in updates], weights)    # (m, r)
-                new[name] = LoRAFactors(a=g.a, b=(bt / g.scale).astype(g.b.dtype), scale=g.scale)
-            else:
-                a = weighted_mean([u.factors[name].a for u in updates], weights)              # (r, n)
-                new[name] = LoRAFactors(a=a.astype(g.a.dtype), b=g.b, scale=g.scale)
-        self.global_factors = new
+        self.global_factors = average_parts(self.global_factors, updates, frozenset({trained}))
         for u in updates:
             self.last_round[u.client_id] = rnd
         return AggregateResult(stats={"phase_b": float(trained == "b")})
-
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        tensors, meta = super().state_dict()
-        meta["last_round"] = {str(k): int(v) for k, v in self.last_round.items()}
-        return tensors, meta
-
-    def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        super().load_state_dict(tensors, meta)
-        self.last_round = {int(k): int(v) for k, v in meta.get("last_round", {}).items()}

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from raysim.aggregators.base import Aggregator, ClientPlan, ClientUpdate, build_aggregator
+from raysim.aggregators.base import (Aggregator, ClientData, ClientPlan, ClientUpdate, build_aggregator,
+                                     weighted_mean)
 from raysim.lora.factors import BaseDelta, Factors, LoRAFactors, deviation
 
 SHAPES = {"layer.q": (7, 5), "layer.v": (6, 6)}      # (m, n): non-square and square
 ALPHA = 4.0
 RANK = 2
+NUM_LABELS = 4
 
 
 def scale_of_rank(rank: int) -> float:
@@ -58,18 +60,39 @@ def train(plan: ClientPlan, rng: np.random.Generator, noise: float = 0.5) -> Fac
     return out
 
 
+def client_data(client_id: int) -> ClientData:
+    """A client's training labels for client hooks: 20 labels drawn from a generator seeded by its id."""
+    labels = np.random.default_rng(1000 + client_id).integers(0, NUM_LABELS, size=20)
+    return ClientData(labels=labels.astype(np.int64), num_labels=NUM_LABELS)
+
+
 def make_updates(agg: Aggregator, rnd: int, client_ids, weights, rng: np.random.Generator,
                  identical: bool = False) -> list[ClientUpdate]:
-    """Plan and "train" every client; identical=True gives every client the first client's result."""
+    """Plan and "train" every client, running the plan's client hook if it has one; identical=True gives
+    every client the first client's factors."""
     updates = []
     first = None
     for cid, w in zip(client_ids, weights):
-        factors = train(agg.plan(rnd, cid), rng)
+        plan = agg.plan(rnd, cid)
+        factors = train(plan, rng)
         if identical:
             first = first or factors
             factors = {name: f.copy() for name, f in first.items()}
-        updates.append(ClientUpdate(client_id=cid, weight=float(w), num_samples=10, factors=factors))
+        hook_output = plan.client_hook(client_data(cid)) if plan.client_hook is not None else None
+        updates.append(ClientUpdate(client_id=cid, weight=float(w), num_samples=10, factors=factors,
+                                    hook_output=hook_output))
     return updates
+
+
+def average_factors(updates: list[ClientUpdate], scale: float) -> Factors:
+    """Oracle: Ā = Σ p_k A_k and B̄ = (Σ p_k B̃_k) / scale for every module (equal ranks), float64."""
+    weights = [u.weight for u in updates]
+    out = {}
+    for name in updates[0].factors:
+        a = weighted_mean([u.factors[name].a for u in updates], weights)              # (r, n)
+        bt = weighted_mean([u.factors[name].b_tilde() for u in updates], weights)     # (m, r)
+        out[name] = LoRAFactors(a=a, b=bt / scale, scale=scale)
+    return out
 
 
 def by_module(updates: list[ClientUpdate]) -> dict[str, list[tuple[float, LoRAFactors]]]:

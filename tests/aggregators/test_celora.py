@@ -1,4 +1,4 @@
-"""CE-LoRA (raysim/aggregators/celora.py): personalised weights and C-only exchange (ALGORITHMS.md §2.11, §4)."""
+"""CE-LoRA (raysim/aggregators/celora.py): personalised weights and C-only exchange (docs/algorithms.md, CE-LoRA)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from raysim.aggregators.base import ClientUpdate
+from raysim.aggregators.base import ClientData, ClientUpdate
 from raysim.aggregators.celora import label_descriptor, personal_weights
 
 from .helpers import RANK, SHAPES, make_aggregator, random_weights, train
@@ -24,8 +24,8 @@ def round_of(agg, rnd, cids, weights, rng, descriptors=None, noise=0.5):
     updates = []
     for i, (cid, w) in enumerate(zip(cids, weights)):
         plan = agg.plan(rnd, cid)
-        d = None if descriptors is None or not plan.descriptor else descriptors[i]
-        updates.append(ClientUpdate(cid, float(w), 10, train(plan, rng, noise), descriptor=d))
+        d = None if descriptors is None or plan.client_hook is None else descriptors[i]
+        updates.append(ClientUpdate(cid, float(w), 10, train(plan, rng, noise), hook_output=d))
     return updates
 
 
@@ -36,7 +36,7 @@ def test_init_shared_frame_zero_core_and_c_only_exchange():
         assert plan.upload == plan.download == ONLY_C
         assert plan.train == frozenset({"a", "b", "c"})
         assert plan.lr_scale == {"a": 0.1, "b": 0.1}
-        assert plan.descriptor and plan.extra_download == 1          # descriptor up, frame seed down, once
+        assert plan.client_hook is label_descriptor and plan.extra_download == 1   # descriptor up, seed down, once
     for mod in SHAPES:
         f0 = plans[0].start[mod]
         assert not f0.c.any() and f0.b.any() and f0.a.any()            # ΔW = 0, but C has a gradient
@@ -76,7 +76,7 @@ def test_uniform_weights_for_identical_clients_and_for_tau_zero():
     # end to end: identical uploads and descriptors give w_kj = 1/K and every C_k = the plain average
     agg, _ = celora(k=4)
     up = round_of(agg, 1, [0], [1.0], rng, [d])[0]
-    updates = [ClientUpdate(cid, 0.25, 10, {m: f.copy() for m, f in up.factors.items()}, descriptor=d)
+    updates = [ClientUpdate(cid, 0.25, 10, {m: f.copy() for m, f in up.factors.items()}, hook_output=d)
                for cid in range(4)]
     result = agg.aggregate(1, updates)
     np.testing.assert_allclose(agg.last_weights, 0.25, rtol=1e-12)
@@ -107,7 +107,7 @@ def test_two_groups_concentrate_their_weight_on_their_own_group():
         factors = {m: f.copy() for m, f in plan.start.items()}
         for m, f in factors.items():
             f.c = f.c + direction[g][m] + 0.3 * rng.normal(size=f.c.shape)
-        updates.append(ClientUpdate(cid, 1 / 6, 40, factors, descriptor=label_descriptor(labels, 4)))
+        updates.append(ClientUpdate(cid, 1 / 6, 40, factors, hook_output=label_descriptor(ClientData(labels, 4))))
     agg.aggregate(1, updates)
     w = agg.last_weights
     for k in range(6):
@@ -149,7 +149,7 @@ def test_local_ab_persist_and_global_model_is_the_frame_with_the_average_core():
     agg.aggregate(1, updates)
     for u in updates:
         plan = agg.plan(2, u.client_id)
-        assert not plan.descriptor and plan.extra_download == 0
+        assert plan.client_hook is None and plan.extra_download == 0
         for m in SHAPES:                                          # the client's own A_k, B_k, as trained
             assert np.array_equal(plan.start[m].a, u.factors[m].a)
             assert np.array_equal(plan.start[m].b, u.factors[m].b)
@@ -172,7 +172,7 @@ def test_prior_and_descriptor_noise():
     np.testing.assert_allclose(with_prior, expected / expected.sum(axis=1, keepdims=True), rtol=1e-12)
 
     agg, _ = celora({"descriptor_noise": 0.1}, k=3)
-    d = label_descriptor(np.array([0, 0, 1, 2]), 4)
+    d = label_descriptor(ClientData(np.array([0, 0, 1, 2]), 4))
     np.testing.assert_allclose(d, [0.5, 0.25, 0.25, 0.0])
     agg.aggregate(1, round_of(agg, 1, [0, 1, 2], [1 / 3] * 3, rng, [d] * 3))
     assert not np.allclose(agg.descriptors[0], d) and abs(np.std(agg.descriptors[0] - d) - 0.1) < 0.1
@@ -187,7 +187,7 @@ def test_client_state_survives_a_checkpoint():
     restored.load_state_dict(dict(tensors), json.loads(json.dumps(meta)))
     for cid in range(6):
         a, b = agg.plan(2, cid), restored.plan(2, cid)
-        assert (a.descriptor, a.extra_download) == (b.descriptor, b.extra_download)
+        assert (a.client_hook, a.extra_download) == (b.client_hook, b.extra_download)
         for m in SHAPES:
             for part in ("a", "b", "c"):
                 assert np.array_equal(getattr(a.start[m], part), getattr(b.start[m], part))

@@ -1,4 +1,4 @@
-"""Properties every registered aggregator must have (ALGORITHMS.md §4, "All methods")."""
+"""Properties every registered aggregator must have (docs/algorithms.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from raysim.aggregators import REGISTRY, build_aggregator
 from raysim.aggregators.base import AB
-from raysim.config import ConfigError
+from raysim.errors import ConfigError
 
 from .helpers import (SHAPES, base_dense, deviation_rel, make_aggregator, make_updates, product,
                       random_weights, tolerance)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from raysim.aggregators.base import aggregator_class
-from raysim.config import ConfigError
+from raysim.errors import ConfigError
 
 from .helpers import make_aggregator, make_updates
 

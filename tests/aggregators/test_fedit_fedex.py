@@ -1,4 +1,4 @@
-"""FedIT and FedEx-LoRA against the float64 oracles of ALGORITHMS.md §4."""
+"""FedIT and FedEx-LoRA against float64 oracles (docs/algorithms.md, FedIT and FedEx-LoRA)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 
 from raysim.aggregators.base import ClientUpdate
 from raysim.aggregators.fedex import fedex_residual
-from raysim.aggregators.fedit import average_factors
 from raysim.lora.factors import LoRAFactors, deviation
+
+from .helpers import average_factors
 
 SHAPES = {"q": (7, 5), "v": (6, 6)}          # non-square and square
 

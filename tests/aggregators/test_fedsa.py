@@ -1,4 +1,4 @@
-"""FedSA-LoRA (raysim/aggregators/fedsa.py): shared Ā, personal B untouched (ALGORITHMS.md §2.9, §4)."""
+"""FedSA-LoRA (raysim/aggregators/fedsa.py): shared Ā, personal B untouched (docs/algorithms.md, FedSA-LoRA)."""
 
 from __future__ import annotations
 

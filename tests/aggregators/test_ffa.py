@@ -1,4 +1,4 @@
-"""FFA-LoRA (raysim/aggregators/ffa.py): A frozen bitwise, B averaged, exact (ALGORITHMS.md §2.3, §4)."""
+"""FFA-LoRA (raysim/aggregators/ffa.py): A frozen bitwise, B averaged, exact (docs/algorithms.md, FFA-LoRA)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FlexLoRA (raysim/aggregators/flexlora.py): exact SVD of ΔW*, per-client truncation (ALGORITHMS.md §2.6, §4)."""
+"""FlexLoRA (raysim/aggregators/flexlora.py): exact SVD of ΔW*, per-client truncation (docs/algorithms.md, FlexLoRA)."""
 
 from __future__ import annotations
 

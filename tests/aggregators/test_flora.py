@@ -1,4 +1,4 @@
-"""FLoRA (raysim/aggregators/flora.py): stacking merged into the base, fresh adapters (ALGORITHMS.md §2.5, §4)."""
+"""FLoRA (raysim/aggregators/flora.py): stacking merged into the base, fresh adapters (docs/algorithms.md, FLoRA)."""
 
 from __future__ import annotations
 

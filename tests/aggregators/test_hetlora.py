@@ -1,4 +1,4 @@
-"""HetLoRA (zero-padding) against the float64 oracles of ALGORITHMS.md §2.7 and §4."""
+"""HetLoRA (zero-padding) against float64 oracles (docs/algorithms.md, HetLoRA)."""
 
 from __future__ import annotations
 

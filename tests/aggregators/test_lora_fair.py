@@ -1,4 +1,4 @@
-"""LoRA-FAIR (raysim/aggregators/lora_fair.py): corrected B̄ per module (ALGORITHMS.md §2.4, §4)."""
+"""LoRA-FAIR (raysim/aggregators/lora_fair.py): corrected B̄ per module (docs/algorithms.md, LoRA-FAIR)."""
 
 from __future__ import annotations
 

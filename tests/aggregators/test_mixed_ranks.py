@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from raysim.aggregators.fedex import fedex_residual
-from raysim.aggregators.fedit import average_factors
 from raysim.aggregators.padding import zero_padded_mean
 
-from .helpers import (SHAPES, base_dense, deviation_rel, ideal_dense, make_aggregator, make_init, make_updates,
-                      product, random_weights, scale_of_rank)
+from .helpers import (SHAPES, average_factors, base_dense, deviation_rel, ideal_dense, make_aggregator, make_init,
+                      make_updates, product, random_weights, scale_of_rank)
 
 MIXED = (2, 4, 4, 1)
 

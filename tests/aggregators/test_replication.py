@@ -1,4 +1,5 @@
-"""Replication-based padding (ALGORITHMS.md §2.8) against float64 oracles, and its contrast with zero-padding."""
+"""Replication-based padding against float64 oracles, and its contrast with zero-padding (docs/algorithms.md,
+Replication padding)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _pair(ranks, seed):
 
 
 def test_zero_padding_is_replication_scaled_by_pi():
-    ranks = (5, 5, 5, 20, 5, 20)                              # ranks {5, 20} as in ALGORITHMS.md §4
+    ranks = (5, 5, 5, 20, 5, 20)                              # ranks {5, 20}
     zero, rep, updates = _pair(ranks, 3)
     for name in SHAPES:
         z, r = zero.global_factors[name], rep.global_factors[name]
@@ -75,7 +76,7 @@ def test_slots_with_no_owner_keep_their_previous_value():
 
 def test_high_slots_are_not_diluted_over_rounds():
     """One high-rank client of weight 0.1 that keeps its slots: replication keeps them, zero-padding
-    shrinks the slot product by π² per round (ALGORITHMS.md §2.7 'dilution')."""
+    shrinks the slot product by π² per round (HetLoRA's 'dilution')."""
     ranks = (2,) * 9 + (4,)
     zero, _ = make_aggregator("hetlora", ranks=ranks, b_zero=False)
     rep, _ = make_aggregator("replication", ranks=ranks, b_zero=False)

@@ -1,4 +1,4 @@
-"""RoLoRA (raysim/aggregators/rolora.py): alternating phases, B first, exact (ALGORITHMS.md §2.10, §4)."""
+"""RoLoRA (raysim/aggregators/rolora.py): alternating phases, B first, exact (docs/algorithms.md, RoLoRA)."""
 
 from __future__ import annotations
 

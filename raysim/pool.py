@@ -1,10 +1,11 @@
-"""WorkerPool: creates ClientWorker actors and dispatches client jobs to them.
+"""WorkerPool: dispatches client jobs to the ClientWorker actors.
 
 Dispatch keeps every worker busy and the slowest one short: jobs are sorted by cost (largest
 first) and each goes to the worker with the least outstanding work, with up to two tasks in flight
 per worker so the next one is queued before the current one finishes. With the cohort engine a task
 is a cohort: clients of similar cost grouped up to `resources.cohort_size`. Every wait has a deadline.
 A job whose worker died or raised is retried on another worker; a dead worker is replaced.
+Before a worker gets work it is sent the base-delta log entries it has not applied yet.
 """
 
 from __future__ import annotations
@@ -17,10 +18,35 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from raysim.engines.base import ClientJob, ClientResult, EvalResult, SimulatedClientFailure
+from raysim.base_log import BaseDeltaLog
+from raysim.engines.base import ClientFailure, ClientJob, ClientResult, EvalResult
 from raysim.worker import ClientWorker
 
 IN_FLIGHT_PER_WORKER = 2
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How to start a worker: the run's config, the label count and its resource shares."""
+
+    cfg: Any                    # ExperimentConfig
+    num_labels: int
+    cpus: float
+    gpus: float
+
+    @property
+    def num_workers(self) -> int:
+        return self.cfg.resources.num_workers
+
+
+def spawn_worker(spec: WorkerSpec, index: int):
+    """Start one worker actor; it imports torch and builds its model in the background."""
+    return ClientWorker.options(num_cpus=spec.cpus, num_gpus=spec.gpus).remote(spec.cfg, spec.num_labels, index,
+                                                                              spec.gpus)
+
+
+def spawn_workers(spec: WorkerSpec) -> list:
+    return [spawn_worker(spec, i) for i in range(spec.num_workers)]
 
 
 @dataclass
@@ -40,25 +66,114 @@ class _Slot:
     pending: dict = field(default_factory=dict)   # ref -> (job, attempt)
 
 
+def job_cost(job: ClientJob, batch_size: int) -> float:
+    """Examples passed through the model: steps × rows per batch."""
+    return float(job.steps * min(len(job.train_idx), batch_size))
+
+
+def plan_tasks(jobs: list[ClientJob], engine: str, cohort_size: int, batch_size: int,
+               live_workers: int) -> list[list[ClientJob]]:
+    """One job per task (peft engine) or cohorts of up to `cohort_size` clients of similar cost (cohort
+    engine), as many cohorts as a multiple of the live workers so none idles. Largest first."""
+    order = sorted(jobs, key=lambda j: (-job_cost(j, batch_size), j.client_id))
+    if engine != "cohort" or len(order) <= 1:
+        return [[j] for j in order]
+    n = -(-len(order) // max(1, cohort_size))
+    n = min(len(order), -(-n // live_workers) * live_workers)
+    return [list(part) for part in np.array_split(np.array(order, dtype=object), n) if len(part)]
+
+
+class _Dispatch:
+    """The bookkeeping of one round's training: queued and in-flight tasks, load per worker, outcomes."""
+
+    def __init__(self, pool: "WorkerPool", tasks: list[list[ClientJob]], max_retries: int):
+        self.pool = pool
+        self.max_retries = max_retries
+        self.queue = [(task, 0, -1) for task in tasks]          # (task, attempt, worker to avoid)
+        self.in_flight: dict[Any, tuple[_Slot, list[ClientJob], int]] = {}
+        self.load: dict[int, float] = {}
+        self.outcomes: dict[int, JobOutcome] = {}
+
+    def cost(self, task: list[ClientJob]) -> float:
+        return sum(self.pool._cost(j) for j in task)
+
+    def submit(self) -> None:
+        """Send queued tasks to the least-loaded live workers (at most IN_FLIGHT_PER_WORKER each)."""
+        waiting = []
+        for task, attempt, avoid in self.queue:
+            busy: dict[int, int] = {}
+            for s, _, _ in self.in_flight.values():
+                busy[s.index] = busy.get(s.index, 0) + 1
+            live = [s for s in self.pool.slots if s.alive and busy.get(s.index, 0) < IN_FLIGHT_PER_WORKER]
+            others = [s for s in live if s.index != avoid] or live
+            if not others:
+                waiting.append((task, attempt, avoid))
+                continue
+            slot = min(others, key=lambda s: (self.load.get(s.index, 0.0), s.index))
+            self.pool._sync(slot)
+            self.in_flight[slot.handle.train.remote(task)] = (slot, task, attempt)
+            self.load[slot.index] = self.load.get(slot.index, 0.0) + self.cost(task)
+        self.queue = waiting
+
+    def collect(self, ref) -> None:
+        """One finished task: its outcomes, or a retry on another worker (a dead worker is replaced)."""
+        slot, task, attempt = self.in_flight.pop(ref)
+        self.load[slot.index] = self.load.get(slot.index, 0.0) - self.cost(task)
+        try:
+            results = ray.get(ref)
+        except RayTaskError as exc:
+            return self.retry_or_fail(task, attempt, slot, str(exc.cause))
+        except RayActorError as exc:
+            if slot.alive:
+                self.pool._replace(slot)
+            return self.retry_or_fail(task, attempt, slot, type(exc).__name__)
+        for job, result in zip(task, results):
+            if not isinstance(result, ClientFailure):
+                self.outcomes[job.client_id] = JobOutcome("ok", result, slot.index)
+            elif result.retryable:
+                self.retry_or_fail([job], attempt, slot, result.error)
+            else:
+                self.outcomes[job.client_id] = JobOutcome("failed", worker=slot.index, error=result.error)
+
+    def retry_or_fail(self, task: list[ClientJob], attempt: int, slot: _Slot, error: str) -> None:
+        if attempt < self.max_retries:
+            self.queue.append((task, attempt + 1, slot.index))
+            return
+        for job in task:
+            self.outcomes[job.client_id] = JobOutcome("failed", worker=slot.index, error=error)
+
+    def finish(self) -> dict[int, JobOutcome]:
+        """Outcomes of every job: what is still running or queued is a straggler."""
+        for slot, task, _ in self.in_flight.values():
+            for job in task:
+                self.outcomes[job.client_id] = JobOutcome("straggler", worker=slot.index)
+        for task, _, _ in self.queue:
+            for job in task:
+                self.outcomes[job.client_id] = JobOutcome("straggler")
+        return self.outcomes
+
+
+def _responds(handle) -> bool:
+    try:
+        ray.get(handle.ping.remote(), timeout=30)
+        return True
+    except Exception:  # noqa: BLE001 - dead, unreachable or hung: not usable
+        return False
+
+
 class WorkerPool:
-    def __init__(self, cfg_dict: dict, num_labels: int, num_workers: int, cpus: float, gpus: float,
-                 startup_timeout_s: float = 600.0):
-        self.cfg_dict = cfg_dict
-        self.num_labels = num_labels
-        self.cpus = cpus
-        self.gpus = gpus
+    def __init__(self, spec: WorkerSpec, handles: list, base_log: BaseDeltaLog, startup_timeout_s: float = 600.0):
+        self.spec = spec
+        self.base_log = base_log
         self.startup_timeout_s = startup_timeout_s
-        self.next_index = 0
-        self.slots = [self._spawn() for _ in range(num_workers)]
+        self.slots = [_Slot(h, i) for i, h in enumerate(handles)]
+        self.next_index = len(handles)
         self.data_ref = None
-        self.base_log: list[tuple[int, dict]] = []
 
     def _spawn(self) -> _Slot:
         index = self.next_index
         self.next_index += 1
-        handle = ClientWorker.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(
-            self.cfg_dict, self.num_labels, index, self.gpus)
-        return _Slot(handle, index)
+        return _Slot(spawn_worker(self.spec, index), index)
 
     # -- setup ------------------------------------------------------------------------------------------
 
@@ -79,12 +194,9 @@ class WorkerPool:
         slot = next(s for s in self.slots if s.alive)
         return self._get_all([getattr(slot.handle, method).remote(*args)], timeout_s, f"{method} did not answer")[0]
 
-    def record_base_delta(self, version: int, per_module: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        self.base_log.append((version, per_module))
-
     def _sync(self, slot: _Slot) -> None:
         """Queue the base deltas this worker lacks; actor order guarantees they apply before later calls."""
-        missing = [(v, d) for v, d in self.base_log if v > slot.base_version]
+        missing = self.base_log.since(slot.base_version)
         if missing:
             slot.handle.sync_base.remote(missing)
             slot.base_version = missing[-1][0]
@@ -105,21 +217,12 @@ class WorkerPool:
     # -- training ---------------------------------------------------------------------------------------
 
     def _cost(self, job: ClientJob) -> float:
-        """Examples passed through the model: steps × rows per batch."""
-        return float(job.steps * min(len(job.train_idx), int(self.cfg_dict["train"]["batch_size"])))
+        return job_cost(job, self.spec.cfg.train.batch_size)
 
     def _tasks(self, jobs: list[ClientJob]) -> list[list[ClientJob]]:
-        """One job per task (peft engine) or cohorts of up to `resources.cohort_size` clients of similar
-        cost (cohort engine), as many cohorts as a multiple of the live workers so none idles."""
-        order = sorted(jobs, key=lambda j: (-self._cost(j), j.client_id))
-        res = self.cfg_dict.get("resources", {})
-        if res.get("engine", "peft") != "cohort" or len(order) <= 1:
-            return [[j] for j in order]
+        res = self.spec.cfg.resources
         live = max(1, sum(s.alive for s in self.slots))
-        size = max(1, int(res.get("cohort_size", 8)))
-        n = -(-len(order) // size)
-        n = min(len(order), -(-n // live) * live)
-        return [list(part) for part in np.array_split(np.array(order, dtype=object), n) if len(part)]
+        return plan_tasks(jobs, res.engine, res.cohort_size, self.spec.cfg.train.batch_size, live)
 
     def run_jobs(self, jobs: list[ClientJob], deadline_s: float, max_retries: int,
                  kill_after_submit: bool = False) -> dict[int, JobOutcome]:
@@ -127,99 +230,56 @@ class WorkerPool:
 
         A task is one job (peft engine) or a cohort (cohort engine); a task that fails as a whole is
         retried on another worker, a single failed job of a cohort (e.g. out of GPU memory even alone)
-        alone.
+        alone. What is still running at the deadline is a straggler.
         """
-        from raysim.worker import ClientFailure
-
         deadline = time.monotonic() + deadline_s
-        queue = [(task, 0, -1) for task in self._tasks(jobs)]
-        outcomes: dict[int, JobOutcome] = {}
-        in_flight: dict[Any, tuple[_Slot, list[ClientJob], int]] = {}
-        load = {s.index: 0.0 for s in self.slots}
-        killed = False
-
-        def retry_or_fail(task, attempt, slot, error):
-            if attempt < max_retries:
-                queue.append((task, attempt + 1, slot.index))
-            else:
-                for job in task:
-                    outcomes[job.client_id] = JobOutcome("failed", worker=slot.index, error=error)
-
-        while queue or in_flight:
-            queue = self._submit(queue, in_flight, load)
-            if kill_after_submit and not killed and in_flight:
+        run = _Dispatch(self, self._tasks(jobs), max_retries)
+        while run.queue or run.in_flight:
+            run.submit()
+            if kill_after_submit and run.in_flight:
                 self.kill_one()
-                killed = True
-            remaining = deadline - time.monotonic()
-            if not in_flight:
+                kill_after_submit = False
+            if not run.in_flight:
                 break
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=max(0.0, remaining))
+            ready, _ = ray.wait(list(run.in_flight), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 break                                            # deadline: the rest are stragglers
             for ref in ready:
-                slot, task, attempt = in_flight.pop(ref)
-                load[slot.index] = load.get(slot.index, 0.0) - sum(self._cost(j) for j in task)
-                try:
-                    results = ray.get(ref)
-                except RayTaskError as exc:
-                    if isinstance(exc.cause, SimulatedClientFailure) and len(task) == 1:
-                        outcomes[task[0].client_id] = JobOutcome("failed", worker=slot.index, error=str(exc.cause))
-                    else:
-                        retry_or_fail(task, attempt, slot, str(exc.cause))
-                    continue
-                except RayActorError as exc:
-                    if slot.alive:
-                        self._replace(slot)
-                    retry_or_fail(task, attempt, slot, type(exc).__name__)
-                    continue
-                for job, result in zip(task, results):
-                    if not isinstance(result, ClientFailure):
-                        outcomes[job.client_id] = JobOutcome("ok", result, slot.index)
-                    elif result.retryable:
-                        retry_or_fail([job], attempt, slot, result.error)
-                    else:
-                        outcomes[job.client_id] = JobOutcome("failed", worker=slot.index, error=result.error)
-        for slot, task, _ in in_flight.values():
-            for job in task:
-                outcomes[job.client_id] = JobOutcome("straggler", worker=slot.index)
-        for task, _, _ in queue:
-            for job in task:
-                outcomes[job.client_id] = JobOutcome("straggler")
-        return outcomes
-
-    def _submit(self, queue, in_flight, load):
-        """Send queued tasks to the least-loaded live workers (at most IN_FLIGHT_PER_WORKER each)."""
-        waiting = []
-        for task, attempt, avoid in queue:
-            busy = {}
-            for s, _, _ in in_flight.values():
-                busy[s.index] = busy.get(s.index, 0) + 1
-            live = [s for s in self.slots if s.alive and busy.get(s.index, 0) < IN_FLIGHT_PER_WORKER]
-            others = [s for s in live if s.index != avoid] or live
-            if not others:
-                waiting.append((task, attempt, avoid))
-                continue
-            slot = min(others, key=lambda s: (load.get(s.index, 0.0), s.index))
-            self._sync(slot)
-            ref = slot.handle.train.remote(task)
-            in_flight[ref] = (slot, task, attempt)
-            load[slot.index] = load.get(slot.index, 0.0) + sum(self._cost(j) for j in task)
-        return waiting
+                run.collect(ref)
+        return run.finish()
 
     # -- evaluation -------------------------------------------------------------------------------------
 
-    def evaluate(self, factors_ref, head_ref, idx: np.ndarray, timeout_s: float) -> EvalResult:
-        """Global evaluation, the test rows split in contiguous shards over the live workers."""
+    def submit_evaluation(self, factors_ref, head_ref, idx: np.ndarray) -> list:
+        """Start the global evaluation, the test rows split in contiguous shards over the live workers; returns
+        the refs of the partial `EvalResult`s (sum them)."""
         live = [s for s in self.slots if s.alive]
-        shards = [s for s in np.array_split(idx, len(live)) if len(s)]
         refs = []
-        for slot, shard in zip(live, shards):
+        for slot, shard in zip(live, [s for s in np.array_split(idx, len(live)) if len(s)]):
             self._sync(slot)
             refs.append(slot.handle.evaluate.remote(factors_ref, head_ref, shard))
-        total = EvalResult(0.0, 0, 0)
-        for part in self._get_all(refs, timeout_s, "evaluation did not finish"):
-            total = total + part
-        return total
+        return refs
+
+    def evaluate_now(self, factors_ref, head_ref, idx: np.ndarray, base_version: int, timeout_s: float,
+                     attempts: int = 3) -> EvalResult:
+        """A blocking evaluation at `base_version` that survives lost workers (they are replaced and the
+        evaluation is repeated on the live ones)."""
+        for attempt in range(attempts):
+            live = [s for s in self.slots if s.alive]
+            shards = [s for s in np.array_split(idx, len(live)) if len(s)]
+            refs = {}
+            for slot, shard in zip(live, shards):
+                self._sync(slot)
+                refs[slot.handle.evaluate.remote(factors_ref, head_ref, shard, base_version)] = slot
+            try:
+                parts = self._get_all(list(refs), timeout_s, "evaluation did not finish")
+            except RayActorError:
+                for slot in refs.values():
+                    if slot.alive and not _responds(slot.handle):
+                        self._replace(slot)
+                continue
+            return EvalResult.total(parts)
+        raise RuntimeError(f"evaluation failed {attempts} times: workers keep dying")
 
     def shutdown(self) -> None:
         for s in self.slots:

@@ -1,5 +1,12 @@
-"""Driver side of one simulation: validate and prepare data (no Ray), start or join Ray, drive the
-Coordinator round by round, write the run directory. Used by `raysim run` and by Tune trials."""
+"""Driver side of one simulation. Used by `raysim run` and by Tune trials.
+
+1. Validate and prepare the data (no Ray yet: every user mistake is a ConfigError here).
+2. Start Ray lean (or join a cluster) and create the workers at once, so they import torch and build
+   their models while the coordinator starts and tokenises the data.
+3. Drive the rounds pipelined: round r+1 is requested before round r is recorded, so the coordinator
+   trains the next round while the driver writes metrics, checkpoints and progress (`Recorder`).
+The driver never imports torch, transformers or peft.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +18,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raysim.config import ConfigError, ExperimentConfig
+from raysim.metrics import RunWriter
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_SCHEDULER_EVENTS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")          # no usage-stats reporting thread
+os.environ.setdefault("RAY_enable_metrics_collection", "0")     # no metrics export from a local Ray
 
 
 def prepare_data(cfg: ExperimentConfig):
@@ -37,8 +47,9 @@ def prepare_data(cfg: ExperimentConfig):
 
 
 def start_ray(address: str | None, cfg: ExperimentConfig, verbose: bool = False) -> bool:
-    """Join or start Ray (RAY_NOTES.md §6): explicit address, else RAY_ADDRESS (inside a job), else a
-    private local instance. Returns True if this call started Ray (and so should stop it)."""
+    """Join or start Ray: an explicit address, else RAY_ADDRESS (set inside a Ray job), else a private local
+    instance without dashboard (never another user's cluster by accident). Returns True if this call started
+    Ray (and so should stop it)."""
     import ray
 
     if ray.is_initialized():
@@ -79,57 +90,187 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, address: str | None 
                    resume: bool = False, progress: bool = True,
                    on_round: Callable[[dict[str, Any], Any], None] | None = None,
                    prepared=None) -> dict[str, Any]:
-    """Run (or resume) one simulation into `run_dir`; returns the summary dict.
+    """Run (or resume) one simulation into `run_dir`; returns the summary dict (with `startup_phases`).
 
     on_round(row, checkpoint_dir) is called after each round is written (Tune reports through it).
     """
     import ray
 
-    from raysim.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from raysim.coordinator import Coordinator
-    from raysim.metrics import RunWriter
-
-    t_start = time.time()
+    clock = PhaseClock()
     raw, partition = prepared if prepared is not None else prepare_data(cfg)
+    clock.lap("data_s")
     writer = RunWriter(run_dir)
-    cfg_dict = cfg.to_yaml_dict()
-    first_round = 1
-    ckpt = latest_checkpoint(run_dir) if resume else None
     if not resume:
-        writer.write_config(cfg_dict)
+        writer.write_config(cfg.to_yaml_dict())
     started_ray = start_ray(address, cfg, verbose)
-    coordinator = None
+    clock.lap("ray_init_s")
+    session = None
     try:
-        gpus = resolve_gpus(cfg)
-        coordinator = Coordinator.remote(cfg_dict, raw, partition, gpus)
-        if ckpt is not None:
-            tensors, meta = load_checkpoint(ckpt)
-            done = ray.get(coordinator.load_state_dict.remote(tensors, meta), timeout=600)
-            writer.load_existing(done)
-            first_round = done + 1
-        setup_s = time.time() - t_start
-        deadline = cfg.federation.round_timeout_s * 2 + 600
+        session = Session.start(cfg, raw, partition)
+        first_round = session.restore(run_dir, writer) if resume else 1
+        clock.lap("workers_ready_s")
         with _progress(progress, cfg, first_round) as bar:
-            for rnd in range(first_round, cfg.federation.rounds + 1):
-                out = ray.get(coordinator.run_round.remote(rnd), timeout=deadline)
-                writer.add_round(out)
-                ckpt_dir = save_checkpoint(run_dir, *out.checkpoint) if out.checkpoint else None
-                bar(out.row)
-                if on_round is not None:
-                    on_round(out.row, ckpt_dir)
-        files, base_delta = ray.get(coordinator.final_adapter.remote(_base_name(cfg)), timeout=600)
+            recorder = Recorder(session.coordinator, writer, run_dir, bar, on_round)
+            drive_rounds(session.coordinator, recorder, first_round, cfg, clock)
+        files, base_delta = ray.get(session.coordinator.final_adapter.remote(_base_name(cfg)), timeout=600)
         writer.write_adapter(files, base_delta)
-        return writer.write_summary(cfg_dict, {"setup_s": setup_s, "total_s": time.time() - t_start,
-                                               "gpus_per_worker": gpus, "run_dir": str(run_dir)})
+        summary = writer.write_summary(cfg.to_yaml_dict(), {
+            "setup_s": clock.phases["data_s"] + clock.phases["ray_init_s"] + clock.phases["workers_ready_s"],
+            "total_s": clock.elapsed(), "gpus_per_worker": session.spec.gpus, "run_dir": str(run_dir)})
     finally:
-        if coordinator is not None:
-            try:
-                ray.get(coordinator.shutdown.remote(), timeout=60)
-            except Exception:  # noqa: BLE001 - teardown must not mask the real error
-                pass
-            ray.kill(coordinator)
+        clock.lap(None)
+        if session is not None:
+            session.stop()
         if started_ray:
             ray.shutdown()
+        clock.lap("teardown_s")
+    summary["startup_phases"] = clock.summary()
+    return summary
+
+
+class PhaseClock:
+    """Wall seconds of the start-up and teardown phases, and the driver's CPU seconds."""
+
+    def __init__(self):
+        self.t0 = self.last = time.perf_counter()
+        self.cpu0 = time.process_time()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str | None) -> None:
+        """End the current phase (`None`: time that belongs to no start-up phase)."""
+        now = time.perf_counter()
+        if name is not None:
+            self.phases[name] = self.phases.get(name, 0.0) + (now - self.last)
+        self.last = now
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def summary(self) -> dict[str, float]:
+        keys = ("ray_init_s", "data_s", "workers_ready_s", "first_round_s", "teardown_s")
+        return {**{k: round(self.phases.get(k, 0.0), 4) for k in keys},
+                "cpu_s": round(time.process_time() - self.cpu0, 4), "total_s": round(self.elapsed(), 4)}
+
+
+class Session:
+    """The actors of one run: its workers and the coordinator that drives them."""
+
+    def __init__(self, spec, workers, coordinator):
+        self.spec = spec
+        self.workers = workers
+        self.coordinator = coordinator
+
+    @classmethod
+    def start(cls, cfg: ExperimentConfig, raw, partition) -> "Session":
+        import ray
+
+        from raysim.coordinator import Coordinator
+        from raysim.pool import WorkerSpec, spawn_workers
+
+        spec = WorkerSpec(cfg, int(raw.num_labels), cfg.resources.cpus_per_worker, resolve_gpus(cfg))
+        workers = spawn_workers(spec)              # they import torch and build the model from now on
+        coordinator = Coordinator.remote(cfg, raw, partition, spec, workers)
+        session = cls(spec, workers, coordinator)
+        try:
+            ray.get(coordinator.ready.remote(), timeout=900)
+        except BaseException:
+            session.stop()
+            raise
+        return session
+
+    def restore(self, run_dir: Path, writer: RunWriter) -> int:
+        """Resume from the newest checkpoint (if any); returns the first round to run."""
+        import ray
+
+        from raysim.checkpoint import latest_checkpoint, load_checkpoint
+
+        ckpt = latest_checkpoint(run_dir)
+        done = 0
+        if ckpt is not None:
+            tensors, meta = load_checkpoint(ckpt)
+            done = ray.get(self.coordinator.load_state_dict.remote(tensors, meta), timeout=600)
+        writer.load_existing(done)
+        return done + 1
+
+    def stop(self) -> None:
+        import ray
+
+        try:
+            ray.get(self.coordinator.shutdown.remote(), timeout=60)
+        except Exception:  # noqa: BLE001 - teardown must not mask the real error
+            pass
+        for actor in [self.coordinator, *self.workers]:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+def drive_rounds(coordinator, recorder: "Recorder", first_round: int, cfg: ExperimentConfig, clock: PhaseClock) -> None:
+    """Pipelined: ask for round r+1 before recording round r, so recording never delays training."""
+    import ray
+
+    last = cfg.federation.rounds
+    deadline = cfg.federation.round_timeout_s * 2 + 600
+    ref = coordinator.run_round.remote(first_round) if first_round <= last else None
+    for rnd in range(first_round, last + 1):
+        out = ray.get(ref, timeout=deadline)
+        if rnd == first_round:
+            clock.lap("first_round_s")
+        if rnd < last:
+            ref = coordinator.run_round.remote(rnd + 1)
+        recorder.record(out, cfg.federation.round_timeout_s)
+    clock.lap(None)
+
+
+class Recorder:
+    """Completes and writes one round: waits for its evaluation and deviation metric, then writes the rows,
+    the wire dump and the checkpoint, updates the progress bar and calls `on_round`."""
+
+    def __init__(self, coordinator, writer: RunWriter, run_dir: Path, bar, on_round):
+        self.coordinator = coordinator
+        self.writer = writer
+        self.run_dir = run_dir
+        self.bar = bar
+        self.on_round = on_round
+
+    def record(self, out, timeout_s: float) -> None:
+        from raysim.checkpoint import save_checkpoint
+
+        self._resolve(out, timeout_s)
+        rnd = out.row["round"]
+        self.writer.add_round(out.row, out.clients)
+        if out.global_tensors is not None:
+            self.writer.write_updates(rnd, out.uploads, out.global_tensors)
+        ckpt_dir = save_checkpoint(self.run_dir, *out.checkpoint) if out.checkpoint else None
+        self.bar(out.row)
+        if self.on_round is not None:
+            self.on_round(out.row, ckpt_dir)
+
+    def _resolve(self, out, timeout_s: float) -> None:
+        import ray
+
+        pending, row = out.pending, out.row
+        if pending.evaluation:
+            total = self._evaluation(row["round"], pending.evaluation, timeout_s)
+            row["accuracy"], row["loss"] = total.accuracy, total.loss
+        if pending.deviation is not None:
+            row["deviation_rel"], row["deviation_rel_round"] = ray.get(pending.deviation, timeout=timeout_s)
+
+    def _evaluation(self, rnd: int, refs: list, timeout_s: float):
+        """The summed evaluation shards; if a worker holding one was lost, the coordinator evaluates again."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        from raysim.engines.base import EvalResult
+
+        ready, missing = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if missing:
+            raise TimeoutError(f"round {rnd}: evaluation did not finish within {timeout_s:.0f} s")
+        try:
+            return EvalResult.total(ray.get(refs))
+        except RayActorError:
+            return ray.get(self.coordinator.reevaluate.remote(rnd), timeout=timeout_s * 3 + 600)
 
 
 def _base_name(cfg: ExperimentConfig) -> str:

@@ -9,40 +9,26 @@ applied first.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import os
 import time
-from typing import Any
 
 import numpy as np
 import ray
 
-from raysim.engines.base import ClientJob, ClientResult, EvalResult
-
-
-@dataclasses.dataclass
-class ClientFailure:
-    """One job of a cohort task that did not finish (the others in the task did).
-
-    simulated: fault injection (faults.drop_rate), never retried; retryable: e.g. out of GPU memory
-    even alone, worth another try on another worker.
-    """
-
-    client_id: int
-    error: str
-    simulated: bool = False
-    retryable: bool = False
+from raysim.aggregators.base import ClientData
+from raysim.engines.base import ClientFailure, ClientJob, ClientResult, EngineSettings, EvalResult
+from raysim.faults import apply_faults
 
 
 class ClientWorkerImpl:
-    def __init__(self, cfg: dict[str, Any], num_labels: int, index: int, gpu_fraction: float):
+    def __init__(self, cfg, num_labels: int, index: int, gpu_fraction: float):
         import torch
 
-        from raysim.config import ExperimentConfig
         from raysim.lora.peft_io import lora_layers, wrap_lora
         from raysim.models import build_base_model
 
-        self.cfg = ExperimentConfig.model_validate(cfg)
+        self.cfg = cfg
         self.index = index
         self.num_labels = num_labels
         threads = max(1, int(self.cfg.resources.cpus_per_worker))
@@ -57,7 +43,9 @@ class ClientWorkerImpl:
                                self.cfg.lora.dropout, self.cfg.seed).to(self.device)
         self.layers = lora_layers(self.model)
         self.base_version = 0
+        self.applied: list[tuple[int, dict]] = []        # base deltas folded in, for `_base_at`
         self.engine = None
+        self.cohort = None
 
     # -- setup ------------------------------------------------------------------------------------------
 
@@ -73,23 +61,16 @@ class ClientWorkerImpl:
     def set_data(self, arrays: dict[str, np.ndarray]) -> int:
         from raysim.engines.peft_engine import DataArrays, PeftEngine
 
-        t = self.cfg.train
+        settings = EngineSettings.from_config(self.cfg)
         data = DataArrays(arrays, self.device)
         self.labels = np.asarray(arrays["labels"])
-        self.engine = PeftEngine(self.model, data, optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay,
-                                 batch_size=t.batch_size, max_grad_norm=t.max_grad_norm,
-                                 train_head=self.cfg.lora.train_head, eval_batch_size=self.cfg.eval.batch_size,
-                                 bf16=self.cfg.model.dtype == "bfloat16")
+        self.engine = PeftEngine(self.model, data, settings)
         self.cohort = None
         if self.cfg.resources.engine == "cohort":
             from raysim.engines.cohort import CohortEngine
 
             try:
-                self.cohort = CohortEngine(self.model, data, optimizer=t.optimizer, lr=t.lr,
-                                           weight_decay=t.weight_decay, batch_size=t.batch_size,
-                                           max_grad_norm=t.max_grad_norm, train_head=self.cfg.lora.train_head,
-                                           eval_batch_size=self.cfg.eval.batch_size,
-                                           bf16=self.cfg.model.dtype == "bfloat16", peft=self.engine)
+                self.cohort = CohortEngine(self.model, data, settings, peft=self.engine)
             except NotImplementedError as exc:        # a model the stacked layers cannot hold: PEFT engine
                 import warnings
 
@@ -108,54 +89,63 @@ class ClientWorkerImpl:
             for name, (u, v) in per_module.items():
                 r = torch.from_numpy(np.asarray(u, dtype=np.float64) @ np.asarray(v, dtype=np.float64))
                 fold_into_base(self.layers[name], r)
+            self.applied.append((version, per_module))
             self.base_version = version
         return self.base_version
+
+    @contextlib.contextmanager
+    def _base_at(self, version: int):
+        """Temporarily the base of an older version (a re-run evaluation after a worker was lost while the
+        next round already changed the base); the current weights are restored bit for bit afterwards."""
+        import torch
+
+        from raysim.lora.peft_io import fold_into_base
+
+        newer = [(v, d) for v, d in self.applied if v > version]
+        saved = {name: self.layers[name].get_base_layer().weight.detach().clone()
+                 for _, d in newer for name in d}
+        for _, per_module in reversed(newer):
+            for name, (u, v) in per_module.items():
+                fold_into_base(self.layers[name], -torch.from_numpy(np.asarray(u, np.float64) @ np.asarray(v, np.float64)))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, w in saved.items():
+                    self.layers[name].get_base_layer().weight.copy_(w)
 
     # -- work -------------------------------------------------------------------------------------------
 
     def train(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:
-        """Train the jobs; with the cohort engine together (see `_train_cohort`), else one by one."""
-        if getattr(self, "cohort", None) is not None:
-            results = self._train_cohort(jobs)
-        else:
-            results = [self.engine.train_client(job) for job in jobs]
-        for job, result in zip(jobs, results):
-            if isinstance(result, ClientFailure):
-                continue
-            result.worker = self.index
-            if job.descriptor:          # CE-LoRA: the client's label histogram, computed where its data is
-                from raysim.aggregators.celora import label_descriptor
+        """Train the jobs (with the cohort engine together); one outcome per job, in order.
 
-                result.descriptor = label_descriptor(self.labels[np.asarray(job.train_idx)], self.num_labels)
-        return results
-
-    def _train_cohort(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:
-        """A cohort task: per-job outcomes, so one dropped client does not fail the others.
-
-        Fault injection: `fail` jobs are reported as simulated failures; the cohort waits for its
-        slowest `sleep_s`. Jobs with a tri-matrix core (CE-LoRA) go through the PEFT engine.
+        Injected faults are applied first; a job whose aggregator asked for client-side compute gets its
+        `client_hook` run on the client's own training labels.
         """
+        live, out = apply_faults(jobs)
+        for result in self._train_live(live):
+            if not isinstance(result, ClientFailure):
+                result.worker = self.index
+                job = next(j for j in live if j.client_id == result.client_id)
+                if job.client_hook is not None:
+                    labels = self.labels[np.asarray(job.train_idx)]
+                    result.hook_output = job.client_hook(ClientData(labels=labels, num_labels=self.num_labels))
+            out[result.client_id] = result
+        return [out[job.client_id] for job in jobs]
+
+    def _train_live(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:
+        """The cohort engine takes what it can stack; tri-matrix jobs (CE-LoRA) go through the PEFT engine."""
+        if self.cohort is None:
+            return [self.engine.train_client(job) for job in jobs]
         from raysim.engines.cohort import UnsupportedJob
 
-        out: dict[int, ClientResult | ClientFailure] = {}
-        for job in jobs:
-            if job.fail:
-                out[job.client_id] = ClientFailure(job.client_id, f"client {job.client_id} dropped out "
-                                                   "(faults.drop_rate)", simulated=True)
-        live = [j for j in jobs if not j.fail]
-        if live and max(j.sleep_s for j in live) > 0:
-            time.sleep(max(j.sleep_s for j in live))
-        tri = {j.client_id for j in live if any(f.c is not None for f in j.start.values())}
-        stacked = [j for j in live if j.client_id not in tri]
-        for job in live:
-            if job.client_id in tri:
-                out[job.client_id] = self.engine.train_client(dataclasses.replace(job, sleep_s=0.0))
+        tri = [j for j in jobs if any(f.c is not None for f in j.start.values())]
+        stacked = [j for j in jobs if all(f.c is None for f in j.start.values())]
+        results = [self.engine.train_client(job) for job in tri]
         try:
-            results = self._train_split(stacked)
+            return results + self._train_split(stacked)
         except UnsupportedJob:
-            results = [self.engine.train_client(dataclasses.replace(j, sleep_s=0.0)) for j in stacked]
-        out.update({r.client_id: r for r in results})
-        return [out[job.client_id] for job in jobs]
+            return results + [self.engine.train_client(j) for j in stacked]
 
     def _train_split(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:
         """Train a cohort; on CUDA out-of-memory split it in halves and retry (never fatal to the run)."""
@@ -176,8 +166,12 @@ class ClientWorkerImpl:
         half = len(jobs) // 2
         return self._train_split(jobs[:half]) + self._train_split(jobs[half:])
 
-    def evaluate(self, factors, head, idx: np.ndarray) -> EvalResult:
-        return self.engine.evaluate(factors, head, np.asarray(idx))
+    def evaluate(self, factors, head, idx: np.ndarray, base_version: int | None = None) -> EvalResult:
+        """Loss and accuracy on rows `idx`; at an older base version if given (see `_base_at`)."""
+        if base_version is None or base_version >= self.base_version:
+            return self.engine.evaluate(factors, head, np.asarray(idx))
+        with self._base_at(base_version):
+            return self.engine.evaluate(factors, head, np.asarray(idx))
 
     def export_adapter(self, factors, head, base_model_name: str) -> dict[str, bytes]:
         """The adapter as a PEFT directory, returned as {filename: bytes} (the driver writes it)."""
@@ -196,6 +190,10 @@ class ClientWorkerImpl:
 
     def ping(self) -> float:
         return time.time()
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds this worker process has used (start-up phase accounting)."""
+        return time.process_time()
 
 
 ClientWorker = ray.remote(max_restarts=0, max_task_retries=0)(ClientWorkerImpl)

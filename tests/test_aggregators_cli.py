@@ -1,5 +1,5 @@
 """Every registered aggregator runs from the CLI on the tiny config; deviation and bytes are checked
-against ALGORITHMS.md (§1.5, §3) from the files a user gets. Every run has `output.debug: true`, so the
+against docs/algorithms.md ("Deviation metric", "Communication accounting") from the files a user gets. Every run has `output.debug: true`, so the
 factors each method keeps frozen are checked to come back from the engine bit for bit."""
 
 from __future__ import annotations

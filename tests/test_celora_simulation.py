@@ -70,7 +70,7 @@ def test_celora_run_is_personalised_and_sends_only_c(celora_run):
 
 
 def test_celora_uploads_r_over_m_plus_n_of_fedit(celora_run):
-    """ALGORITHMS.md §3: fedit sends r(m+n) per module and client (+ head), celora r² (+ head, + d_k once);
+    """docs/algorithms.md, "Communication accounting": fedit sends r(m+n) per module and client (+ head), celora r² (+ head, + d_k once);
     the LoRA part of celora's measured upload is r/(m+n) of fedit's (m = n = 128 here)."""
     df = pd.read_parquet(celora_run / "rounds.parquet")
     for _, row in df.iterrows():

@@ -1,4 +1,4 @@
-"""Fractional GPUs on a CPU-only machine: Ray started with a fake GPU count (RAY_NOTES.md §2).
+"""Fractional GPUs on a CPU-only machine: Ray started with a fake GPU count (Ray counts GPUs as logical resources).
 
 Four workers at `gpus_per_worker: 0.25` and `cpus_per_worker: 0` must all be scheduled on one
 logical GPU of a 2-CPU Ray (with the default of one CPU per actor only two would start), a fifth

@@ -9,10 +9,40 @@ and returns only the trainable tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
 from raysim.lora.factors import Factors
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything an engine needs to know about local training and evaluation, built once from the config."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    batch_size: int
+    max_grad_norm: float | None
+    train_head: bool
+    eval_batch_size: int
+    bf16: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "EngineSettings":
+        t = cfg.train
+        return cls(optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
+                   max_grad_norm=t.max_grad_norm, train_head=cfg.lora.train_head,
+                   eval_batch_size=cfg.eval.batch_size, bf16=cfg.model.dtype == "bfloat16")
+
+
+@dataclass(frozen=True)
+class ClientFault:
+    """Injected faults of one client in one round (see raysim.faults); applied by the worker, never by an engine."""
+
+    drop: bool = False           # the client drops out: it reports a failure instead of an update
+    delay_s: float = 0.0         # a slow client: its task sleeps this long before training
 
 
 @dataclass
@@ -26,10 +56,9 @@ class ClientJob:
     head: dict[str, np.ndarray]                # initial classifier head
     train: frozenset[str]                      # which factors train ("a", "b", "c")
     steps: int
-    fail: bool = False                         # fault injection: the client drops out
-    sleep_s: float = 0.0                       # fault injection: a slow client
     lr_scale: dict[str, float] = field(default_factory=dict)   # factor ("a", "b", "c") -> lr multiplier (1.0)
-    descriptor: bool = False                   # also return the client's data descriptor (CE-LoRA)
+    fault: ClientFault = ClientFault()         # injected faults (tests and robustness studies)
+    client_hook: Callable | None = None        # the aggregator's client-side computation, if it asked for one
 
 
 @dataclass
@@ -45,7 +74,7 @@ class ClientResult:
     local_loss: float | None = None
     worker: int = -1
     extra: dict[str, float] = field(default_factory=dict)
-    descriptor: np.ndarray | None = None       # normalised label histogram, when the job asked for it
+    hook_output: np.ndarray | None = None      # what the job's client_hook returned (e.g. CE-LoRA's label histogram)
 
 
 @dataclass
@@ -57,6 +86,14 @@ class EvalResult:
     def __add__(self, other: "EvalResult") -> "EvalResult":
         return EvalResult(self.loss_sum + other.loss_sum, self.correct + other.correct, self.count + other.count)
 
+    @staticmethod
+    def total(parts: list["EvalResult"]) -> "EvalResult":
+        """The sum of evaluation shards."""
+        out = EvalResult(0.0, 0, 0)
+        for part in parts:
+            out = out + part
+        return out
+
     @property
     def accuracy(self) -> float:
         return self.correct / self.count if self.count else float("nan")
@@ -66,8 +103,18 @@ class EvalResult:
         return self.loss_sum / self.count if self.count else float("nan")
 
 
-class SimulatedClientFailure(RuntimeError):
-    """Raised inside a worker by fault injection (faults.drop_rate)."""
+@dataclass
+class ClientFailure:
+    """A client job that did not produce an update (the other jobs of the same task may have).
+
+    simulated: injected by faults.drop_rate, never retried; retryable: worth another try on another worker
+    (e.g. out of GPU memory even alone).
+    """
+
+    client_id: int
+    error: str
+    simulated: bool = False
+    retryable: bool = False
 
 
 def batch_schedule(train_idx: np.ndarray, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from raysim.engines.base import ClientJob, ClientResult, EvalResult, batch_schedule
+from raysim.engines.base import ClientJob, ClientResult, EngineSettings, EvalResult, batch_schedule
 from raysim.engines.peft_engine import DataArrays, PeftEngine, make_optimizer
 from raysim.lora.cohort import CohortContext, SegmentLinear, SegmentLoRALinear, _triton_ok, installed
 from raysim.lora.factors import LoRAFactors
@@ -71,16 +71,12 @@ class _Step:
 
 
 class CohortEngine:
-    def __init__(self, model, data: DataArrays, *, optimizer: str, lr: float, weight_decay: float,
-                 batch_size: int, max_grad_norm: float | None, train_head: bool, eval_batch_size: int,
-                 bf16: bool = False, peft: PeftEngine | None = None):
+    def __init__(self, model, data: DataArrays, settings: EngineSettings, peft: PeftEngine | None = None):
         self.model = model
         self.data = data
         self.device = data.device
-        self.peft = peft or PeftEngine(model, data, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                                       batch_size=batch_size, max_grad_norm=max_grad_norm, train_head=train_head,
-                                       eval_batch_size=eval_batch_size, bf16=bf16)
-        # the hyper-parameters are the PEFT engine's (a given `peft` wins over the keyword arguments)
+        self.peft = peft or PeftEngine(model, data, settings)
+        # the hyper-parameters are the PEFT engine's, so both engines always train alike
         for key in ("optimizer_name", "lr", "weight_decay", "batch_size", "max_grad_norm", "train_head",
                     "eval_batch_size", "bf16"):
             setattr(self, key, getattr(self.peft, key))
@@ -121,7 +117,7 @@ class CohortEngine:
     # -- cohorts ------------------------------------------------------------------------------------------
 
     def train_cohort(self, jobs: list[ClientJob]) -> list[ClientResult]:
-        """Train the jobs together; results in the order of `jobs`. Fault injection is the caller's."""
+        """Train the jobs together; results in the order of `jobs`."""
         for job in jobs:
             if any(f.c is not None for f in job.start.values()):
                 raise UnsupportedJob(f"client {job.client_id}: the cohort engine does not train tri-matrix "
@@ -135,8 +131,7 @@ class CohortEngine:
             if len(idxs) == 1 and self.device.type == "cpu":
                 # one client gains nothing from stacking; on CPU the PEFT path is the same computation
                 # (same dropout masks), minus the stacking overhead
-                job = dataclasses.replace(jobs[idxs[0]], fail=False, sleep_s=0.0)
-                results[idxs[0]] = self.peft.train_client(job)
+                results[idxs[0]] = self.peft.train_client(jobs[idxs[0]])
                 continue
             for i, res in zip(idxs, self._train_group([jobs[i] for i in idxs])):
                 results[i] = res
@@ -194,6 +189,12 @@ class CohortEngine:
             if seeds is not None:
                 rng_buf.append(np.repeat(np.asarray([seeds[k] for k in active], dtype=np.int64), counts))
                 rng_buf.append(np.concatenate([np.arange(c) for c in counts]))
+        self._upload_plan(plan, [rows, slots_buf, pos_buf, rng_buf], n_rows, n_slots, seeds is not None)
+        return plan
+
+    def _upload_plan(self, plan: list[_Step], buffers, n_rows: int, n_slots: int, with_rng: bool) -> None:
+        """Upload the plan's index buffers in one copy and point every step at its slices."""
+        rows, slots_buf, pos_buf, rng_buf = buffers
         n_rng = sum(len(x) for x in rng_buf)
         flat = np.concatenate(rows + slots_buf + pos_buf + rng_buf)
         buf = self._upload(flat)
@@ -203,7 +204,7 @@ class CohortEngine:
         rng_t = buf[len(flat) - n_rng:]
         at = 0
         for step in plan:
-            if seeds is not None:
+            if with_rng:
                 n = step.rows.stop - step.rows.start
                 step.row_seed, step.row_local = rng_t[at:at + n], rng_t[at + n:at + 2 * n]
                 at += 2 * n
@@ -212,7 +213,6 @@ class CohortEngine:
                 step.slot_index, step.idle = slot_buf[step.slot_index], slot_buf[step.idle]
             if step.row_pos is not None:
                 step.row_pos = pos_buf_t[step.row_pos]
-        return plan
 
     def _stack(self, jobs: list[ClientJob], train: frozenset[str]):
         """Stacked factors (K, r_max, n) / (K, m, r_max), scales, rank masks and heads on the device."""
@@ -312,19 +312,11 @@ class CohortEngine:
         K = len(jobs)
         train = frozenset(jobs[0].train)
         schedules = [batch_schedule(j.train_idx, j.steps, self.batch_size, j.seed) for j in jobs]
-        steps = [len(s) for s in schedules]
         counter_rng = self.has_dropout and self.device.type == "cuda" and _triton_ok()
         plan = self._plan(schedules, [int(j.seed) for j in jobs] if counter_rng else None)
         arrays = self._arrays()
         lora, heads = self._stack(jobs, train)
-        # param groups as in the PEFT engine: one per trained factor at lr × lr_scale[factor], the head at lr
-        scale = jobs[0].lr_scale or {}
-        groups = {"a": [t[0] for t in lora.values() if t[0].requires_grad],
-                  "b": [t[1] for t in lora.values() if t[1].requires_grad],
-                  "head": [t for h in heads.values() for t in h.values() if t is not None and t.requires_grad]}
-        groups = [{"params": ps, "lr": self.lr * float(scale.get(name, 1.0))} for name, ps in groups.items() if ps]
-        params = [p for g in groups for p in g["params"]]
-        opt = make_optimizer(self.optimizer_name, groups, self.lr, self.weight_decay) if params else None
+        opt, params = self._optimizer(jobs[0].lr_scale or {}, lora, heads)
         ctx = CohortContext(K, self.device, full_length=int(self.data.input_ids.shape[1]))
         if self.has_dropout and not counter_rng:
             ctx.generators = [torch.Generator(device=self.device).manual_seed(int(j.seed)) for j in jobs]
@@ -343,24 +335,43 @@ class CohortEngine:
                 _, ce, _ = self._forward(ctx, step, arrays)
                 per_client = self._per_client(ctx, ce.to(loss_dtype), counts, mean=True)
                 if opt is not None:
-                    opt.zero_grad(set_to_none=True)
-                    per_client.sum().backward()
-                    if self.max_grad_norm:
-                        self._clip(params)
-                    saved = []
-                    if step.idle is not None:             # finished clients: their slots must not move
-                        for p in params:
-                            saved.append((p, p.detach().index_select(0, step.idle)))
-                            for v in opt.state.get(p, {}).values():
-                                if torch.is_tensor(v) and v.shape == p.shape:
-                                    saved.append((v, v.index_select(0, step.idle)))
-                    opt.step()
-                    with torch.no_grad():
-                        for tensor, old in saved:
-                            tensor.index_copy_(0, step.idle, old)
+                    self._optimizer_step(opt, params, per_client.sum(), step.idle)
                 pos = torch.arange(K, device=self.device) if step.slot_index is None else step.slot_index
                 losses[t].index_copy_(0, pos, per_client.detach())
         del opt
+        return self._finish(jobs, lora, heads, losses, [len(s) for s in schedules], t0)
+
+    def _optimizer(self, scale: dict[str, float], lora, heads):
+        """(optimiser or None, trainable tensors): param groups as in the PEFT engine — one per trained factor
+        at lr × lr_scale[factor], the head at lr."""
+        groups = {"a": [t[0] for t in lora.values() if t[0].requires_grad],
+                  "b": [t[1] for t in lora.values() if t[1].requires_grad],
+                  "head": [t for h in heads.values() for t in h.values() if t is not None and t.requires_grad]}
+        groups = [{"params": ps, "lr": self.lr * float(scale.get(name, 1.0))} for name, ps in groups.items() if ps]
+        params = [p for g in groups for p in g["params"]]
+        return (make_optimizer(self.optimizer_name, groups, self.lr, self.weight_decay) if params else None), params
+
+    def _optimizer_step(self, opt, params: list[torch.Tensor], loss: torch.Tensor, idle) -> None:
+        """Backward, per-client clipping, step; the slots of clients that already finished (`idle`) keep their
+        parameters and optimiser moments."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.max_grad_norm:
+            self._clip(params)
+        saved = []
+        if idle is not None:
+            for p in params:
+                saved.append((p, p.detach().index_select(0, idle)))
+                for v in opt.state.get(p, {}).values():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        saved.append((v, v.index_select(0, idle)))
+        opt.step()
+        with torch.no_grad():
+            for tensor, old in saved:
+                tensor.index_copy_(0, idle, old)
+
+    def _finish(self, jobs, lora, heads, losses, steps: list[int], t0: float) -> list[ClientResult]:
+        """Per-client results, local evaluation, and each client's share of the cohort's time (since `t0`)."""
         results = self._results(jobs, lora, heads, losses, steps)
         evals = self._evaluate_stacked(jobs, lora, heads)
         elapsed = time.perf_counter() - t0
@@ -369,7 +380,7 @@ class CohortEngine:
             if ev is not None:
                 res.local_accuracy, res.local_loss = ev.accuracy, ev.loss
             res.train_time_s = elapsed * s / total_steps      # the client's share of the cohort's time
-            res.extra = {"cohort_size": float(K), "cohort_time_s": elapsed}
+            res.extra = {"cohort_size": float(len(jobs)), "cohort_time_s": elapsed}
         return results
 
     @torch.no_grad()

@@ -2,7 +2,7 @@
 
 The base model is built once; for each client the engine copies its factors and head into the
 existing parameters, builds a fresh optimiser over the trainable tensors (local optimiser state is
-reset every round, ALGORITHMS.md §2.1), trains, and reads the tensors back as numpy.
+reset every round, see docs/algorithms.md, FedIT), trains, and reads the tensors back as numpy.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from raysim.engines.base import ClientJob, ClientResult, EvalResult, SimulatedClientFailure, batch_schedule
+from raysim.engines.base import ClientJob, ClientResult, EngineSettings, EvalResult, batch_schedule
 from raysim.lora.peft_io import ADAPTER, get_factors, get_head, head_parameters, lora_layers, set_factors, set_head
 from raysim.lora.tri import factor_parameters
 
@@ -46,23 +46,22 @@ class DataArrays:
 
 
 class PeftEngine:
-    def __init__(self, model, data: DataArrays, *, optimizer: str, lr: float, weight_decay: float,
-                 batch_size: int, max_grad_norm: float | None, train_head: bool, eval_batch_size: int,
-                 bf16: bool = False):
+    def __init__(self, model, data: DataArrays, settings: EngineSettings):
         self.model = model
         self.data = data
-        self.optimizer_name = optimizer
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_grad_norm = max_grad_norm
-        self.train_head = train_head
-        self.eval_batch_size = eval_batch_size
-        self.bf16 = bf16 and data.device.type == "cuda"
+        self.settings = settings
+        self.optimizer_name = settings.optimizer
+        self.lr = settings.lr
+        self.weight_decay = settings.weight_decay
+        self.batch_size = settings.batch_size
+        self.max_grad_norm = settings.max_grad_norm
+        self.train_head = settings.train_head
+        self.eval_batch_size = settings.eval_batch_size
+        self.bf16 = settings.bf16 and data.device.type == "cuda"
         self.layers = lora_layers(model)
         self.head = head_parameters(model)
         for p in self.head.values():
-            p.requires_grad_(train_head)
+            p.requires_grad_(self.train_head)
 
     def _autocast(self):
         if self.bf16:
@@ -89,10 +88,6 @@ class PeftEngine:
 
     def train_client(self, job: ClientJob) -> ClientResult:
         t0 = time.perf_counter()
-        if job.sleep_s:
-            time.sleep(job.sleep_s)
-        if job.fail:
-            raise SimulatedClientFailure(f"client {job.client_id} dropped out (faults.drop_rate)")
         set_factors(self.model, job.start)
         set_head(self.model, job.head)
         params, groups = self._set_trainable(job.train, job.lr_scale)

@@ -1,6 +1,6 @@
 """Canonical LoRA factor layout and the factored linear algebra the server needs (numpy only).
 
-Layout (identical to PEFT, see reference ALGORITHMS.md §1.1) for a module with W0 ∈ ℝ^{m×n}:
+Layout (identical to PEFT; docs/algorithms.md, "Factor layout") for a module with W0 ∈ ℝ^{m×n}:
 
     a: (r, n)   = lora_A.weight
     b: (m, r)   = lora_B.weight          (unscaled)
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-DENSE_LIMIT = 1 << 20  # modules with m·n at most this are materialised densely (ALGORITHMS.md §1.6)
+DENSE_LIMIT = 1 << 20  # modules with m·n at most this are materialised densely (docs/algorithms.md, "Norms and SVDs of factored products")
 
 
 @dataclass
@@ -134,7 +134,7 @@ def deviation(
     base_delta: dict[str, BaseDelta] | None,
     old_global: Factors | None = None,
 ) -> DeviationReport:
-    """deviation_rel of ALGORITHMS.md §1.5, from what clients uploaded and what the server applied.
+    """deviation_rel (docs/algorithms.md, "Deviation metric"), from what clients uploaded and what the server applied.
 
     updates[module] = [(p_k, client factors)], Σ p_k = 1; new_global: the global adapter after this
     round; base_delta: this round's change of W_base (None if the base did not change).
@@ -170,7 +170,7 @@ def deviation(
 
 
 def normalise_weights(raw: np.ndarray | list[float]) -> np.ndarray:
-    """p_k = ω_k / Σ ω_j (ALGORITHMS.md §1.4). Raises if all weights are zero."""
+    """p_k = ω_k / Σ ω_j (docs/algorithms.md, "Client weights"). Raises if all weights are zero."""
     w = np.asarray(raw, dtype=np.float64)
     if np.any(w < 0):
         raise ValueError("client weights must be >= 0")

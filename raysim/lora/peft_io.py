@@ -104,7 +104,7 @@ def fold_into_base(module: torch.nn.Module, delta: torch.Tensor | np.ndarray) ->
     """W_base += R for R in nn.Linear orientation (m, n) = (out, in). The only writer of base weights.
 
     Transposes iff the module stores (in, out) (fan_in_fan_out, Conv1D); asserts the shape after
-    that, so a square nn.Linear never silently receives Rᵀ (ALGORITHMS.md §1.3).
+    that, so a square nn.Linear never silently receives Rᵀ (docs/algorithms.md, "Changing the frozen base").
     """
     base = module.get_base_layer() if isinstance(module, LoraLayer) else module
     r = torch.as_tensor(np.asarray(delta)) if isinstance(delta, np.ndarray) else delta

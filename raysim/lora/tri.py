@@ -1,4 +1,4 @@
-"""Tri-matrix LoRA, ΔW = s·B·C·A (CE-LoRA, ALGORITHMS.md §2.11), inside a resident PEFT model.
+"""Tri-matrix LoRA, ΔW = s·B·C·A (docs/algorithms.md, CE-LoRA), inside a resident PEFT model.
 
 PEFT's LoRA forward computes `lora_B(lora_A(dropout(x))) * scaling`. A tri-matrix layer replaces
 `lora_B[adapter]` by a `TriLoraB`: an `nn.Linear` that shares the original B parameter (`.weight`,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from raysim.engines.base import ClientJob
+from raysim.engines.base import ClientJob, EngineSettings
 from raysim.engines.cohort import CohortEngine, UnsupportedJob
 from raysim.engines.peft_engine import DataArrays, PeftEngine
 from raysim.lora.factors import LoRAFactors
@@ -56,9 +56,9 @@ def _data(n=400, length=24, seed=0):
 def _engines(dropout=0.0, **kw):
     model = _model(dropout)
     data = DataArrays(_data(), torch.device("cpu"))
-    args = {**KW, **kw}
-    peft = PeftEngine(model, data, **args)
-    return model, peft, CohortEngine(model, data, peft=peft, **args)
+    settings = EngineSettings(**{**KW, **kw})
+    peft = PeftEngine(model, data, settings)
+    return model, peft, CohortEngine(model, data, settings, peft=peft)
 
 
 def _start(model, rank, seed):

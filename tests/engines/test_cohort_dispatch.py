@@ -9,23 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from raysim.engines.base import ClientJob, ClientResult
-from raysim.pool import WorkerPool, _Slot
-from raysim.worker import ClientFailure, ClientWorkerImpl
+from raysim.engines.base import ClientFailure, ClientFault, ClientJob, ClientResult
+from raysim.pool import plan_tasks
+from raysim.worker import ClientWorkerImpl
 
 
 @pytest.fixture(scope="module")
 def worker(tiny_config, tmp_path_factory):
     import os
 
-    from raysim.coordinator import tokenize_for_model
+    from raysim.models import tokenize_for_model
     from raysim.runner import prepare_data
 
     os.environ.setdefault("RAYSIM_CACHE", str(tmp_path_factory.mktemp("cache")))
     cfg = tiny_config(**{"resources.engine": "cohort"})
     raw, partition = prepare_data(cfg)
     threads = torch.get_num_threads()
-    w = ClientWorkerImpl(cfg.to_yaml_dict(), int(raw.num_labels), 0, 0.0)
+    w = ClientWorkerImpl(cfg, int(raw.num_labels), 0, 0.0)
     torch.set_num_threads(1)
     w.set_data(tokenize_for_model(raw, cfg))
     w.partition = partition
@@ -99,7 +99,7 @@ def test_a_client_that_does_not_fit_alone_is_a_retryable_failure(worker):
 
 def test_dropped_clients_fail_alone_and_tri_matrix_jobs_use_peft(worker):
     jobs = _jobs(worker, 3)
-    jobs[1] = dataclasses.replace(jobs[1], fail=True)
+    jobs[1] = dataclasses.replace(jobs[1], fault=ClientFault(drop=True))
     core = {k: dataclasses.replace(f, c=np.eye(f.rank, dtype=np.float32)) for k, f in jobs[2].start.items()}
     jobs[2] = dataclasses.replace(jobs[2], start=core, train=frozenset("abc"))
     seen = []
@@ -115,11 +115,8 @@ def test_dropped_clients_fail_alone_and_tri_matrix_jobs_use_peft(worker):
     assert all(f.c is not None for f in results[2].factors.values())
 
 
-def _pool(engine: str, cohort_size: int, workers: int) -> WorkerPool:
-    pool = WorkerPool.__new__(WorkerPool)                       # no actors: only the grouping logic
-    pool.cfg_dict = {"resources": {"engine": engine, "cohort_size": cohort_size}, "train": {"batch_size": 16}}
-    pool.slots = [_Slot(None, i) for i in range(workers)]
-    return pool
+def _tasks(engine: str, cohort_size: int, workers: int, jobs):
+    return plan_tasks(jobs, engine, cohort_size, batch_size=16, live_workers=workers)
 
 
 def _sized_jobs(sizes):
@@ -130,11 +127,11 @@ def _sized_jobs(sizes):
 def test_pool_groups_similar_clients_into_cohorts_for_every_worker():
     rng = np.random.default_rng(0)
     jobs = _sized_jobs(rng.integers(8, 400, size=10))
-    tasks = _pool("cohort", 8, 2)._tasks(jobs)
+    tasks = _tasks("cohort", 8, 2, jobs)
     assert [len(t) for t in tasks] == [5, 5]                    # 10 clients, 2 workers: nobody idles
     costs = [[j.steps * min(len(j.train_idx), 16) for j in t] for t in tasks]
     assert min(costs[0]) >= max(costs[1])                       # similar sizes share a cohort
-    many = _pool("cohort", 8, 2)._tasks(_sized_jobs(rng.integers(8, 400, size=100)))
+    many = _tasks("cohort", 8, 2, _sized_jobs(rng.integers(8, 400, size=100)))
     assert len(many) % 2 == 0 and max(len(t) for t in many) <= 8
     assert sorted(j.client_id for t in many for j in t) == list(range(100))
-    assert [len(t) for t in _pool("peft", 8, 2)._tasks(jobs)] == [1] * 10
+    assert [len(t) for t in _tasks("peft", 8, 2, jobs)] == [1] * 10

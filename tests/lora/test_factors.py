@@ -1,4 +1,4 @@
-"""Factored norms and the deviation metric (ALGORITHMS.md §1.5, §1.6)."""
+"""Factored norms and the deviation metric (docs/algorithms.md, "Deviation metric" and "Norms and SVDs of factored products")."""
 
 from __future__ import annotations
 

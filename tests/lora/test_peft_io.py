@@ -1,4 +1,4 @@
-"""fold_into_base orientation (ALGORITHMS.md §1.3) and in-place factor I/O on a PEFT model."""
+"""fold_into_base orientation (docs/algorithms.md, "Changing the frozen base") and in-place factor I/O on a PEFT model."""
 
 from __future__ import annotations
 

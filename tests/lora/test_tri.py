@@ -1,4 +1,4 @@
-"""Tri-matrix adapters in a resident PEFT model (raysim/lora/tri.py, ALGORITHMS.md §2.11)."""
+"""Tri-matrix adapters in a resident PEFT model (raysim/lora/tri.py, docs/algorithms.md, CE-LoRA)."""
 
 from __future__ import annotations
 
@@ -129,6 +129,7 @@ def test_core_has_no_gradient_with_b_zero():
 
 @pytest.fixture(scope="module")
 def engine():
+    from raysim.engines.base import EngineSettings
     from raysim.engines.peft_engine import DataArrays, PeftEngine
     from raysim.lora.peft_io import wrap_lora
     from raysim.models import build_base_model
@@ -137,8 +138,9 @@ def engine():
     rng = np.random.default_rng(0)
     arrays = {"input_ids": rng.integers(1, 1000, size=(8, 8)), "attention_mask": np.ones((8, 8), np.int64),
               "labels": rng.integers(0, 4, size=8)}
-    return PeftEngine(model, DataArrays(arrays, torch.device("cpu")), optimizer="adam", lr=1e-2,
-                      weight_decay=0.0, batch_size=8, max_grad_norm=None, train_head=True, eval_batch_size=8)
+    settings = EngineSettings(optimizer="adam", lr=1e-2, weight_decay=0.0, batch_size=8, max_grad_norm=None,
+                              train_head=True, eval_batch_size=8)
+    return PeftEngine(model, DataArrays(arrays, torch.device("cpu")), settings)
 
 
 def _one_step(engine, train, lr_scale=None):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,8 +37,12 @@ def sweep(search_space, set_=None, **extra) -> dict:
 
 
 def files_state(run_dir: Path) -> dict[str, tuple[int, bytes]]:
-    return {name: ((run_dir / name).stat().st_mtime_ns, (run_dir / name).read_bytes())
-            for name in ("rounds.parquet", "clients.parquet", "summary.json")}
+    """mtime and bytes of a run's outputs (each part file, where a Parquet output is a dataset directory)."""
+    paths = []
+    for name in ("rounds.parquet", "clients.parquet", "summary.json"):
+        path = run_dir / name
+        paths += sorted(path.iterdir()) if path.is_dir() else [path]
+    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes()) for p in paths}
 
 
 # ----------------------------------------------------------------------------------------- no Ray
@@ -45,12 +51,12 @@ def files_state(run_dir: Path) -> dict[str, tuple[int, bytes]]:
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fail the test if the sweep gets as far as starting Ray or Tune."""
-    import raysim.tune as rt
+    from raysim.tune import driver
 
     def boom(*a, **k):
         raise AssertionError("Ray/Tune was started for an invalid sweep")
-    monkeypatch.setattr(rt, "start_sweep_ray", boom)
-    monkeypatch.setattr(rt, "_make_callback", boom)
+    monkeypatch.setattr(driver, "start_sweep_ray", boom)
+    monkeypatch.setattr(driver, "make_callback", boom)
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -103,7 +109,7 @@ def test_sweep_file_parsing_resolves_base_and_expands_seeds(tmp_path):
 
     spec = load_sweep(tmp_path / "sub" / "s.yaml")
     assert spec.name == "s" and spec.base["model"]["name"] == "random:bert-tiny"
-    assert spec.swept_keys == ["aggregator.name", "train.lr", "seed"]
+    assert list(spec.search_space) == ["aggregator.name", "train.lr"] and spec.seeds == [0, 1, 2]
     assert spec.num_trials() == 2 * 3 * 2
     assert spec.scheduler == {"name": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 3}
     again = parse_sweep(spec.to_yaml_dict())                   # the sweep.yaml copy is self-contained
@@ -127,32 +133,59 @@ def test_trial_resources_follow_the_trial_config():
 
 
 def test_rewind_aligns_the_run_dir_with_tunes_last_checkpoint(tmp_path):
-    from raysim.tune import _rewind
+    from raysim.tune.trial import rewind_to_checkpoint
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    assert _rewind(run, 3) is None                               # no config.yaml: start afresh
+    assert rewind_to_checkpoint(run, 3) is None     # no config.yaml: start afresh
     (run / "config.yaml").write_text("name: x\n")
-    assert _rewind(run, 3) is None                               # no raysim checkpoint: start afresh
+    assert rewind_to_checkpoint(run, 3) is None     # no raysim checkpoint: start afresh
     for r in (3, 4):
         (run / "checkpoints" / f"round-{r:04d}").mkdir()
-    assert _rewind(run, 3) == 3                                  # Tune saw round 3: round 4 is redone
+    assert rewind_to_checkpoint(run, 3) == 3        # Tune saw round 3: round 4 is redone
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-0003"]
-    assert _rewind(run, 1) == 3                                  # Tune's round is gone: the latest one
+    assert rewind_to_checkpoint(run, 1) == 3        # Tune's round is gone: the latest one
 
 
 def test_stop_after_trials_sends_tunes_interrupt_signal_once(monkeypatch, tmp_path):
-    import raysim.tune as rt
+    from raysim.tune.driver import Progress
 
     sent = []
-    monkeypatch.setattr(rt.os, "kill", lambda pid, sig: sent.append((pid, sig)))
-    progress = rt._Progress(total=4, trials_dir=tmp_path, stop_after=2, quiet=True)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    progress = Progress(trials_dir=tmp_path, stop_after=2, quiet=True)
     trial = SimpleNamespace(path=str(tmp_path / "0000_x=1"), last_result={})
     progress.trial_done(trial, error=False)
     assert sent == []
     progress.trial_done(trial, error=True)
     progress.trial_done(trial, error=False)
     assert sent == [(os.getpid(), signal.SIGUSR1)]               # Tune's own interrupt: state saved, resumable
+
+
+def test_a_callback_restored_from_tunes_state_reports_to_the_live_driver(monkeypatch, tmp_path, capsys):
+    """On --resume Tune unpickles the callback saved with the experiment: it must count and print the
+    trials of this invocation (its --stop-after-trials, its quiet flag), not those of the first run."""
+    import ray.cloudpickle
+
+    from raysim.tune import driver
+
+    monkeypatch.setattr(driver, "_ACTIVE", driver.Progress(tmp_path, stop_after=1, quiet=True))
+    saved = ray.cloudpickle.dumps(driver.make_callback())       # as Tuner() saves it on the first run
+    live = driver.Progress(tmp_path, stop_after=None, quiet=False)
+    monkeypatch.setattr(driver, "_ACTIVE", live)
+    restored = ray.cloudpickle.loads(saved)
+    (tmp_path / "0001_rank=8").mkdir()
+    (tmp_path / "0001_rank=8" / "summary.json").write_text("{}")
+    restored.on_trial_complete(0, [], SimpleNamespace(path=str(tmp_path / "0001_rank=8"),
+                                                      last_result={"round": 3, "accuracy": 0.5}))
+    assert live.finished == 1 and not live.stopping
+    assert "[sweep] 0001_rank=8: completed  accuracy 0.5000" in capsys.readouterr().out
+
+
+def test_importing_the_package_loads_neither_ray_nor_torch():
+    code = ("import sys, raysim.tune; "
+            "print(sorted(m for m in ('ray', 'ray.tune', 'torch', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------------------- with Ray

@@ -7,14 +7,13 @@ import itertools
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import yaml
 
 from raysim.cli import main
-from raysim.config import ConfigError
+from raysim.config import ConfigError, ExperimentConfig
 from raysim.metrics import RunWriter
 from raysim.report import make_report
 
@@ -32,7 +31,7 @@ def write_run(run_dir: Path, accs, aggregator="fedit", summary=True) -> Path:
                "personalized_accuracy": None, "deviation_rel": 0.1 / i if aggregator == "fedit" else 1e-8,
                "deviation_rel_round": None, "bytes_up": 1000, "bytes_down": 2000, "clients_sampled": 4,
                "clients_completed": 4, "clients_failed": 0, "train_loss": 1.5, "aggregator": aggregator}
-        writer.add_round(SimpleNamespace(row=row, clients=[], global_tensors=None))
+        writer.add_round(row, [])
     if summary:
         (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "name": "r"}))
     return run_dir
@@ -127,3 +126,16 @@ def test_report_rejects_a_directory_that_is_neither(tmp_path, capsys):
         make_report(tmp_path)
     assert main(["report", str(tmp_path)]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_facts_a_sweep_base_leaves_out_are_the_config_defaults(tmp_path):
+    sweep = make_sweep(tmp_path, {"train.lr": [1e-3]}, lambda p: 0.5)       # base: model and aggregator only
+    text = make_report(sweep).read_text()
+    d = ExperimentConfig()
+    part = ", ".join(f"{k}={v}" for k, v in d.data.partition.model_dump(mode="json").items())
+    assert "- base model: random:bert-tiny" in text and "- base aggregator: fedit" in text
+    assert f"- base data: {d.data.source} ({part})" in text
+    assert (f"- base federation: {d.federation.num_clients} clients, {d.federation.clients_per_round} per round, "
+            f"{d.federation.rounds} rounds") in text
+    assert f"- base training: {d.train.local_steps} local steps, batch {d.train.batch_size}, lr {d.train.lr}" in text
+    assert f"- base LoRA: rank {d.lora.rank}, alpha {d.lora.alpha}" in text

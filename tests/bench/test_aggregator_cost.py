@@ -1,7 +1,7 @@
 """`raysim bench --workload aggregators`: every method is timed on factors of the right shapes."""
 
-from raysim.aggbench import format_aggregator_table, time_aggregators
 from raysim.aggregators import REGISTRY
+from raysim.bench.aggregator_cost import format_aggregator_table, time_aggregators
 
 
 def test_every_aggregator_is_timed_and_tabulated():

@@ -1,7 +1,7 @@
 """Server-side cost of each aggregator: aggregate() plus the deviation metric, on a BERT-base-shaped
 adapter (24 modules of 768×768, query/value in 12 layers) with many clients. Pure numpy, no Ray.
 
-Used by `raysim bench --aggregators` to show that aggregation never dominates a round.
+Used by `raysim bench --workload aggregators` to show that aggregation never dominates a round.
 """
 
 from __future__ import annotations

@@ -1,0 +1,19 @@
+"""`raysim report DIR`: plots (PNG) and a markdown summary from a run or a sweep directory.
+
+- run directory (rounds.parquet): accuracy.png, loss.png, deviation.png (when measured) and report.md
+  with the final and best metrics, totals and the per-round table;
+- sweep directory (trials.parquet): final accuracy vs non-IID alpha per aggregator, vs LoRA rank, vs
+  number of clients (and vs any other swept key), final deviation_rel per aggregator, mean accuracy per
+  round per aggregator, and report.md with a mean ± std over seeds table. A plot is drawn only for a
+  dimension the sweep actually swept.
+
+Everything is read from the Parquet/JSON/YAML files, so a report can be made on another machine.
+Output goes to DIR/report/ unless --out is given.
+
+Modules: `load` (reading run and sweep directories), `fmt` (cell formatting), `tables` (markdown
+tables and config facts), `plots` (matplotlib figures), `run` and `sweep` (the two reports), `cli`.
+"""
+
+from raysim.report.cli import add_cli, make_report
+
+__all__ = ["add_cli", "make_report"]

@@ -1,0 +1,144 @@
+"""The report's figures (matplotlib, Agg backend, imported on first use). Each function returns a
+saved PNG path or a figure for `save`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raysim.report.fmt import fmt_value, sorted_unique
+from raysim.report.load import AGG, ALPHA
+
+MARKERS = "osD^vP*X"
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def _styles(aggs: list) -> dict:
+    """One colour and marker per aggregator, the same in every plot of a report."""
+    return {a: {"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)]} for i, a in enumerate(sorted(aggs, key=str))}
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def round_plot(rounds, series: list[tuple[str, str]], ylabel: str, title: str, path: Path,
+               log: bool = False) -> Path:
+    """One PNG of per-round columns (those present and not all null)."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    for col, label in series:
+        if col in rounds and rounds[col].notna().any():
+            d = rounds.dropna(subset=[col])
+            ax.plot(d["round"], d[col], marker="o", label=label)
+            _integer_x(ax)
+    if log:
+        ax.set_yscale("log")
+    ax.set(xlabel="round", ylabel=ylabel, title=title)
+    ax.legend()
+    return save(fig, path)
+
+
+def accuracy_vs(done, dim: str, label: str, logx: bool, base_agg: str):
+    """Final accuracy (mean ± std) against one swept key, a line per aggregator; None without data."""
+    data = done.dropna(subset=["accuracy"])
+    if not len(data):
+        return None
+    xs_all = sorted_unique(data[dim])
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs_all)
+    positions = {x: (x if numeric else i) for i, x in enumerate(xs_all)}
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
+    by_agg = list(data.groupby(AGG)) if AGG in data else [(base_agg, data)]
+    styles = _styles([a for a, _ in by_agg])
+    for agg, g in by_agg:
+        stats = g.groupby(dim)["accuracy"].agg(["mean", "std", "count"]).reset_index()
+        stats = stats.sort_values(dim, key=lambda s: s.map(lambda v: positions[v]))
+        x = [positions[v] for v in stats[dim]]
+        ax.errorbar(x, stats["mean"], yerr=stats["std"].fillna(0.0), capsize=3, label=str(agg), alpha=0.85,
+                    markerfacecolor="none", markersize=8, **styles[agg])
+    if numeric and logx and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8:
+        ax.set_xscale("log")
+    ax.set_xticks(xs_all if numeric else range(len(xs_all)))
+    ax.set_xticklabels([fmt_value(x) for x in xs_all])
+    if numeric:
+        ax.minorticks_off()
+    ax.set(xlabel=label, ylabel="final test accuracy",
+           title=f"Final accuracy vs {dim} (mean ± std over seeds and other swept keys)")
+    ax.title.set_fontsize(9)
+    ax.legend(title="aggregator", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def deviation_bars(done):
+    """Final deviation_rel per aggregator (log scale); bars grouped by non-IID alpha when it was swept."""
+    import numpy as np
+
+    data = done.dropna(subset=["deviation_rel"])
+    aggs = sorted(data[AGG].unique(), key=str)
+    groups = sorted_unique(data[ALPHA]) if ALPHA in data else [None]
+    positive = data["deviation_rel"][data["deviation_rel"] > 0]
+    floor = max(1e-16, float(positive.min()) / 100) if len(positive) else 1e-16
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
+    width = 0.8 / len(groups)
+    for j, alpha in enumerate(groups):
+        sub = data if alpha is None else data[data[ALPHA] == alpha]
+        stats = sub.groupby(AGG)["deviation_rel"].agg(["mean", "std"]).reindex(aggs)
+        x = np.arange(len(aggs)) + (j - (len(groups) - 1) / 2) * width
+        means = stats["mean"].fillna(floor).clip(lower=floor)
+        ax.bar(x, means, width=width, yerr=stats["std"].fillna(0.0), capsize=2,
+               label=None if alpha is None else f"alpha {fmt_value(alpha)}", color=f"C{j + 1}")
+        for xi, v, m in zip(x, stats["mean"], means):
+            ax.annotate("-" if v != v else f"{v:.0e}", (xi, float(m)), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(aggs)))
+    ax.set_xticklabels([str(a) for a in aggs])
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
+    if groups != [None]:
+        ax.legend(title="non-IID level", fontsize=8)
+    ax.set(xlabel="aggregator", ylabel="final deviation_rel (log)",
+           title="Aggregation deviation ‖ideal − applied‖/‖ideal‖ (mean ± std over trials)")
+    ax.title.set_fontsize(9)
+    return fig
+
+
+def accuracy_curves(allr, alpha_swept: bool):
+    """Mean test accuracy per round for each aggregator (and non-IID level when swept), from the
+    frame of `load.trial_rounds`."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
+    styles = _styles(list(allr["agg"].unique()))
+    alphas = sorted_unique(allr["alpha"]) if alpha_swept else [None]
+    for agg in sorted(allr["agg"].unique(), key=str):
+        for k, alpha in enumerate(alphas):
+            g = allr[allr["agg"] == agg] if alpha is None else allr[(allr["agg"] == agg) & (allr["alpha"] == alpha)]
+            if not len(g):
+                continue
+            s = g.groupby("round")["accuracy"].agg(["mean", "std"]).reset_index()
+            label = str(agg) if alpha is None else f"{agg}, alpha {fmt_value(alpha)}"
+            ax.plot(s["round"], s["mean"], linestyle=LINESTYLES[k % len(LINESTYLES)], label=label, alpha=0.85,
+                    markerfacecolor="none", **styles[agg])
+            ax.fill_between(s["round"], s["mean"] - s["std"].fillna(0), s["mean"] + s["std"].fillna(0),
+                            alpha=0.08, color=styles[agg]["color"])
+    _integer_x(ax)
+    ax.set(xlabel="round", ylabel="test accuracy",
+           title="Accuracy per round (mean ± std over seeds and other swept keys)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig

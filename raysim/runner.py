@@ -143,11 +143,15 @@ class PhaseClock:
             self.phases[name] = self.phases.get(name, 0.0) + (now - self.last)
         self.last = now
 
+    def mark(self, name: str) -> None:
+        """Record the wall seconds since the start under `name`."""
+        self.phases[name] = time.perf_counter() - self.t0
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
     def summary(self) -> dict[str, float]:
-        keys = ("ray_init_s", "data_s", "workers_ready_s", "first_round_s", "teardown_s")
+        keys = ("ray_init_s", "data_s", "workers_ready_s", "startup_s", "first_round_s", "teardown_s")
         return {**{k: round(self.phases.get(k, 0.0), 4) for k in keys},
                 "cpu_s": round(time.process_time() - self.cpu0, 4), "total_s": round(self.elapsed(), 4)}
 
@@ -212,6 +216,7 @@ def drive_rounds(coordinator, recorder: "Recorder", first_round: int, cfg: Exper
 
     last = cfg.federation.rounds
     deadline = cfg.federation.round_timeout_s * 2 + 600
+    clock.mark("startup_s")                           # wall seconds until the first round is dispatched
     ref = coordinator.run_round.remote(first_round) if first_round <= last else None
     for rnd in range(first_round, last + 1):
         out = ray.get(ref, timeout=deadline)

@@ -55,9 +55,6 @@ class ClientWorkerImpl:
 
         return get_factors(self.model), get_head(self.model)
 
-    def module_shapes(self) -> dict[str, tuple[int, int]]:
-        return {name: tuple(layer.get_base_layer().weight.shape) for name, layer in self.layers.items()}
-
     def set_data(self, arrays: dict[str, np.ndarray]) -> int:
         from raysim.engines.peft_engine import DataArrays, PeftEngine
 
@@ -190,10 +187,6 @@ class ClientWorkerImpl:
 
     def ping(self) -> float:
         return time.time()
-
-    def cpu_seconds(self) -> float:
-        """CPU seconds this worker process has used (start-up phase accounting)."""
-        return time.process_time()
 
 
 ClientWorker = ray.remote(max_restarts=0, max_task_retries=0)(ClientWorkerImpl)

@@ -52,7 +52,7 @@ def cmd_bench(args) -> int:
     engines = [] if args.skip_e2e else ([e for e in args.e2e_engines.split(",") if e] if args.e2e_engines else None)
     out = run_bench(args.workload, ks=ks, e2e_engines=engines, rounds=args.rounds, engine_clients=args.clients,
                     min_time_s=args.min_time, device=args.device, address=args.address, verbose=args.verbose,
-                    no_dropout=args.no_dropout, log=log)
+                    no_dropout=args.no_dropout, trials=args.trials, log=log)
     print(format_table(out))
     write_json(args.json, out)
     return 0
@@ -82,6 +82,8 @@ def add_cli(subparsers, add_common) -> None:
     p.add_argument("--ks", help="comma-separated cohort sizes to measure (default per workload)")
     p.add_argument("--e2e-engines", help="comma-separated engines for the end-to-end runs (default peft,cohort)")
     p.add_argument("--skip-e2e", action="store_true", help="only the in-process measurements")
+    p.add_argument("--trials", type=int, default=1,
+                   help="end-to-end runs per engine, interleaved; the JSON reports medians and every run (default 1)")
     p.add_argument("--rounds", type=int, help="end-to-end rounds (default per workload)")
     p.add_argument("--clients", type=int, help="clients per in-process measurement (default per workload; "
                    "scale-10k: the number of virtual clients)")

@@ -5,6 +5,7 @@ the start-up phases the runner reports in its summary."""
 from __future__ import annotations
 
 import numbers
+import os
 import statistics
 import tempfile
 import time
@@ -36,6 +37,21 @@ def median_phases(trials: list[dict[str, float] | None]) -> dict[str, float] | N
     return {k: statistics.median(t[k] for t in reported if k in t) for k in keys}
 
 
+def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine's runs as one: the median of every numeric field, the phases' medians, and the raw runs
+    (with the machine's load before each) under "trials"."""
+    first = results[0]
+    out = {k: v for k, v in first.items() if not isinstance(v, (numbers.Real, list, dict)) or isinstance(v, bool)}
+    for k, v in first.items():
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            out[k] = statistics.median(r[k] for r in results if r.get(k) is not None)
+    phases = median_phases([r.get("startup_phases") for r in results])
+    if phases is not None:
+        out["startup_phases"] = phases
+    out["trials"] = results
+    return out
+
+
 def steady_round_time(times: list[float]) -> float:
     """Median round time without 2 warm-up rounds and the last one (it holds the only global
     evaluation); shorter runs keep what they can."""
@@ -56,6 +72,7 @@ def run_e2e(cfg, engine: str, rounds: int, address: str | None, verbose: bool) -
     raw_cfg["eval"]["every"] = max(rounds, 1)
     ecfg = validate_config(raw_cfg)
     marks: list[float] = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="raysim-bench-") as d:
         t0 = time.perf_counter()
         summary = run_experiment(ecfg, Path(d) / "run", address=address, verbose=verbose, progress=False,
@@ -66,7 +83,7 @@ def run_e2e(cfg, engine: str, rounds: int, address: str | None, verbose: bool) -
     round_time = steady_round_time(times)
     steps = ecfg.federation.clients_per_round * ecfg.train.local_steps
     out = {
-        "engine": engine, "rounds": len(rows), "round_time_s": round_time,
+        "engine": engine, "rounds": len(rows), "load_average_1m_before": round(load_before, 2), "round_time_s": round_time,
         "round_times_s": [round(x, 4) for x in times],
         "client_steps_per_round": steps,
         "client_steps_per_s": steps / round_time,

@@ -12,46 +12,12 @@ Order of operations (all seeded by ``cfg.seed``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from raysim.errors import ConfigError
 from raysim.data.partition import partition, stratified_sample
 from raysim.data.sources import RawData
-from raysim.data.tokenize import TokenizedData
 from raysim.seeds import LOCAL_SPLIT, TEST_SPLIT
-
-# independent random streams derived from the experiment seed
-
-
-@dataclass
-class FederatedData:
-    """All examples plus the index sets the simulator samples from.
-
-    Attributes:
-        data: the tokenized examples, N of them.
-        test_idx: (T,) sorted int64 indices of the global held-out test split.
-        client_train: K sorted int64 index arrays, client k's local training data.
-        client_test: K sorted int64 index arrays, client k's local test data (may be empty).
-        num_labels: number of classes.
-        label_names: (num_labels,) class names.
-    """
-
-    data: TokenizedData
-    test_idx: np.ndarray
-    client_train: list[np.ndarray]
-    client_test: list[np.ndarray]
-    num_labels: int
-    label_names: list[str]
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.client_train)
-
-    def num_samples(self) -> np.ndarray:
-        """(num_clients,) int64 local training set sizes."""
-        return np.array([len(idx) for idx in self.client_train], dtype=np.int64)
 
 
 def split_and_partition(raw: RawData, cfg) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
@@ -88,17 +54,6 @@ def split_and_partition(raw: RawData, cfg) -> tuple[np.ndarray, list[np.ndarray]
         client_test.append(np.sort(shuffled[:n_local_test]).astype(np.int64))
         client_train.append(np.sort(shuffled[n_local_test:]).astype(np.int64))
     return test_idx, client_train, client_test
-
-
-def build_federated_data(raw: RawData, tokenized: TokenizedData, cfg) -> FederatedData:
-    """Split ``raw`` with `split_and_partition` and attach the tokenized examples."""
-    if len(tokenized) != len(raw) or not np.array_equal(tokenized.labels, raw.labels):
-        raise ValueError(f"tokenized data ({len(tokenized)} examples) does not match the raw data "
-                         f"({len(raw)} examples)")
-    test_idx, client_train, client_test = split_and_partition(raw, cfg)
-    return FederatedData(data=tokenized, test_idx=test_idx, client_train=client_train,
-                         client_test=client_test, num_labels=raw.num_labels,
-                         label_names=list(raw.label_names))
 
 
 def _local_test_size(n: int, fraction: float) -> int:

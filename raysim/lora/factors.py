@@ -82,15 +82,6 @@ class BaseDelta:
         return int(min(m * n, q * (m + n)))
 
 
-def as_float(factors: Factors, dtype=np.float32) -> Factors:
-    return {k: LoRAFactors(f.a.astype(dtype, copy=False), f.b.astype(dtype, copy=False), float(f.scale),
-                           None if f.c is None else f.c.astype(dtype, copy=False))
-            for k, f in factors.items()}
-
-
-# ----------------------------------------------------------------------------- norms of products
-
-
 def product_fro_norm(p: np.ndarray, m: np.ndarray) -> float:
     """‖p @ m‖_F for p (rows, q), m (q, cols) without forming the product (QR form, float64, stable).
 
@@ -105,13 +96,6 @@ def product_fro_norm(p: np.ndarray, m: np.ndarray) -> float:
     _, r1 = np.linalg.qr(p)          # p = q1 r1,   r1: (q, q)
     _, r2 = np.linalg.qr(m.T)        # mᵀ = q2 r2,  r2: (q, q)
     return float(np.linalg.norm(r1 @ r2.T))
-
-
-def product_fro_norm_gram(p: np.ndarray, m: np.ndarray) -> float:
-    """‖p @ m‖_F via the Gram form Σ (pᵀp) ⊙ (m mᵀ); fast but cancels when the product is ≈ 0."""
-    p = np.asarray(p, dtype=np.float64)
-    m = np.asarray(m, dtype=np.float64)
-    return float(np.sqrt(max(0.0, float(np.sum((p.T @ p) * (m @ m.T))))))
 
 
 def ideal_update(updates: list[tuple[float, LoRAFactors]]) -> tuple[np.ndarray, np.ndarray]:

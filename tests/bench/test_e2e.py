@@ -57,11 +57,12 @@ def fake_runner(phases_by_engine: dict[str, dict | None], round_time: float = 0.
     return run_experiment
 
 
-def bench_json(tmp_path, monkeypatch, engines: str, rounds: int = 4) -> dict:
+def bench_json(tmp_path, monkeypatch, engines: str, rounds: int = 4, trials: int = 1) -> dict:
     monkeypatch.setenv("RAYSIM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
     assert main(["bench", "--workload", "tiny", "--ks", "2", "--clients", "2", "--min-time", "0",
-                 "--e2e-engines", engines, "--rounds", str(rounds), "--json", str(out)]) == 0
+                 "--e2e-engines", engines, "--rounds", str(rounds), "--trials", str(trials),
+                 "--json", str(out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -80,6 +81,21 @@ def test_bench_json_holds_the_runners_startup_phases_per_run_and_as_medians(tmp_
     assert got["e2e_engine"] == "cohort" and got["overhead_ratio"] == res["overhead_ratio"]
     parallel = tiny["resources"]["num_workers"]
     assert res["overhead_ratio"] == pytest.approx(0.5 / (steps / (got["floor_client_steps_per_s"] * parallel)))
+
+
+def test_trials_are_interleaved_and_reported_as_medians(tmp_path, monkeypatch):
+    order, times = [], iter([0.5, 0.9, 0.7, 0.3, 0.6, 0.1])     # peft, cohort | cohort, peft | peft, cohort
+
+    def run_experiment(cfg, run_dir, **kw):
+        order.append(cfg.resources.engine)
+        return fake_runner({"peft": None, "cohort": None}, round_time=next(times))(cfg, run_dir, **kw)
+
+    monkeypatch.setattr(raysim.runner, "run_experiment", run_experiment)
+    got = bench_json(tmp_path, monkeypatch, "peft,cohort", trials=3)
+    assert order == ["peft", "cohort", "cohort", "peft", "peft", "cohort"]
+    assert [t["round_time_s"] for t in got["e2e"]["peft"]["trials"]] == [0.5, 0.3, 0.6]
+    assert got["e2e"]["peft"]["round_time_s"] == 0.5 and got["e2e"]["cohort"]["round_time_s"] == 0.7
+    assert all("load_average_1m_before" in t for t in got["e2e"]["cohort"]["trials"])
 
 
 def test_bench_json_leaves_the_startup_phases_out_when_the_runner_has_none(tmp_path, monkeypatch):
@@ -101,14 +117,11 @@ def test_bench_end_to_end_with_the_real_runner(tmp_path, monkeypatch, ray_local)
     monkeypatch.setattr(raysim.runner, "run_experiment", spy)
     got = bench_json(tmp_path, monkeypatch, "cohort", rounds=3)
     res = got["e2e"]["cohort"]
-    assert res["rounds"] == 3 and len(res["round_times_s"]) == 3 and res["clients_failed"] == 0
+    assert res["rounds"] == 3 and len(res["trials"][0]["round_times_s"]) == 3 and res["clients_failed"] == 0
     assert res["client_steps_per_s"] > 0 and res["startup_s"] > 0 and res["teardown_s"] >= 0
     assert got["overhead_ratio"] == res["overhead_ratio"] > 0
     (summary,) = summaries
-    reported = summary.get("startup_phases")
-    if reported is None:
-        assert "startup_phases" not in res and "startup_phases" not in got
-    else:
-        assert set(REQUIRED) <= set(reported)
-        assert res["startup_phases"] == {k: float(reported[k]) for k in PHASE_KEYS if k in reported}
-        assert got["startup_phases"] == res["startup_phases"]
+    reported = summary["startup_phases"]                   # the runner times its phases
+    assert set(REQUIRED) <= set(reported) and reported["ray_init_s"] > 0 and reported["workers_ready_s"] > 0
+    assert res["startup_phases"] == {k: float(reported[k]) for k in PHASE_KEYS if k in reported}
+    assert got["startup_phases"] == res["startup_phases"]

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from raysim.config import ConfigError, ExperimentConfig
-from raysim.data.federated import FederatedData, build_federated_data, split_and_partition
+from raysim.data.federated import split_and_partition
 from raysim.data.sources import load_source
-from raysim.data.tokenize import HashingTokenizer, tokenize
 
 
 def _cfg(seed=0, num_clients=10, partition=None, **data):
@@ -68,17 +67,3 @@ def test_more_clients_than_samples_is_a_config_error():
     cfg = _cfg(num_clients=60, partition={"scheme": "iid", "min_samples": 8})
     with pytest.raises(ConfigError, match=r"^federation\.num_clients: 60 clients × min_samples 8 .*only 400"):
         split_and_partition(load_source(cfg.data, 0), cfg)
-
-
-def test_build_federated_data_on_bbc_subset():
-    cfg = _cfg(source="embedded:bbc-news", max_examples=300,
-               partition={"scheme": "shards", "shards_per_client": 2, "min_samples": 4})
-    raw = load_source(cfg.data, cfg.seed)
-    tokenized = tokenize(raw, HashingTokenizer(1000), max_length=32)
-    fed = build_federated_data(raw, tokenized, cfg)
-    assert isinstance(fed, FederatedData) and fed.data is tokenized
-    assert fed.num_labels == 5 and fed.label_names[0] == "business" and fed.num_clients == 10
-    assert fed.num_samples().tolist() == [len(t) for t in fed.client_train]
-    assert fed.num_samples().sum() + sum(map(len, fed.client_test)) + len(fed.test_idx) == 300
-    with pytest.raises(ValueError):
-        build_federated_data(raw.subset(np.arange(10)), tokenized, cfg)

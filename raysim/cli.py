@@ -51,10 +51,11 @@ def cmd_run(args) -> int:
     summary = run_experiment(cfg, run_dir, address=args.address, verbose=args.verbose, resume=bool(args.resume),
                              progress=not args.no_progress)
     final = summary["final"]
-    acc = final.get("accuracy")
-    dev = final.get("deviation_rel")
-    print(f"done: {run_dir}  final accuracy {acc:.4f}" if acc is not None else f"done: {run_dir}", end="")
-    print(f"  deviation_rel {dev:.2e}" if dev is not None else "")
+    shown = [f"final {k} {final[k]:.4f}" for k in ("accuracy", "exact_match", "perplexity")
+             if final.get(k) is not None]
+    if final.get("deviation_rel") is not None:
+        shown.append(f"deviation_rel {final['deviation_rel']:.2e}")
+    print("  ".join([f"done: {run_dir}", *shown]))
     return 0
 
 

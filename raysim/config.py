@@ -20,15 +20,16 @@ import yaml
 from pydantic import BaseModel, Tag, ValidationError
 
 from raysim.errors import ConfigError
-from raysim.schema import (AggregatorConfig, DataConfig, DirichletPartition, EvalConfig, ExperimentConfig,
+from raysim.schema import (AggregatorConfig, ArithConfig, ByColumnPartition, DataConfig, DirichletPartition, EvalConfig, ExperimentConfig,
                            FaultsConfig, FederationConfig, IIDPartition, LabelNoiseConfig, LoRAConfig, ModelConfig,
                            OutputConfig, PartitionConfig, QuantitySkewPartition, RankByDataSize, RankByQuality,
-                           RankSpec, RankTiers, ResourcesConfig, ShardsPartition, SyntheticConfig, TrainConfig)
+                           RankSpec, RankTiers, ResourcesConfig, ShardsPartition, SyntheticConfig, TaskConfig,
+                           TrainConfig)
 
-__all__ = ["AggregatorConfig", "ConfigError", "DataConfig", "DirichletPartition", "EvalConfig", "ExperimentConfig",
+__all__ = ["AggregatorConfig", "ArithConfig", "ByColumnPartition", "ConfigError", "DataConfig", "DirichletPartition", "EvalConfig", "ExperimentConfig",
            "FaultsConfig", "FederationConfig", "IIDPartition", "LabelNoiseConfig", "LoRAConfig", "ModelConfig",
            "OutputConfig", "PartitionConfig", "QuantitySkewPartition", "RankByDataSize", "RankByQuality", "RankSpec",
-           "RankTiers", "ResourcesConfig", "ShardsPartition", "SyntheticConfig", "TrainConfig", "apply_overrides",
+           "RankTiers", "ResourcesConfig", "ShardsPartition", "SyntheticConfig", "TaskConfig", "TrainConfig", "apply_overrides",
            "load_config", "parse_override", "validate_config"]
 
 

@@ -25,7 +25,6 @@ from raysim.aggregators.base import AggregateResult, ClientPlan, ClientUpdate
 from raysim.base_log import BaseDeltaLog
 from raysim.config import ExperimentConfig
 from raysim.data.noise import apply_label_noise
-from raysim.models import tokenize_for_model
 from raysim.engines.base import ClientJob
 from raysim.faults import FaultInjector
 from raysim.heads import HeadState
@@ -36,6 +35,7 @@ from raysim.ranks import assign_ranks, check_ranks_fit, scale_for
 from raysim.records import client_row, frozen_changed, global_tensors, upload_tensors, weighted
 from raysim.sampling import ClientSampler
 from raysim.seeds import client_seed
+from raysim.tasks import task_for
 
 
 @dataclass
@@ -51,6 +51,7 @@ class RoundOutput:
     row: dict[str, Any]                                     # one rounds.parquet row (pending values missing)
     clients: list[dict[str, Any]]                           # clients.parquet rows
     pending: Pending = field(default_factory=Pending)
+    group_names: list[str] = field(default_factory=list)    # eval.group_by: the values of the group codes
     uploads: dict[int, tuple[dict[str, np.ndarray], dict[str, str]]] = field(default_factory=dict)
     global_tensors: dict[str, np.ndarray] | None = None     # save_updates only
     checkpoint: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
@@ -89,9 +90,13 @@ class CoordinatorImpl:
         self.client_test = [np.asarray(x) for x in partition["client_test"]]
         self.base_log = BaseDeltaLog()
         self.pool = WorkerPool(spec, workers, self.base_log)     # workers build their models meanwhile
-        arrays = tokenize_for_model(raw, cfg)
-        arrays["labels"], noisy = apply_label_noise(arrays["labels"], self.client_train, cfg, spec.num_labels)
-        self.noisy = {int(c) for c in noisy}                     # data.label_noise: train labels only
+        self.task = task_for(cfg)
+        arrays = self.task.arrays(raw)
+        noisy = []
+        if cfg.data.label_noise is not None:             # data.label_noise: train labels only (seq_cls)
+            arrays["labels"], noisy = apply_label_noise(arrays["labels"], self.client_train, cfg, spec.num_labels)
+        self.noisy = {int(c) for c in noisy}
+        self.gen_idx = self.task.generation_subset(self.test_idx, cfg.seed)   # evaluated by generation
         self.pool.attach_data(ray.put(arrays))
         self.sampler = ClientSampler(cfg.federation.num_clients, cfg.federation.clients_per_round, cfg.seed)
         self.ranks = assign_ranks(cfg, [len(t) for t in self.client_train])
@@ -110,11 +115,17 @@ class CoordinatorImpl:
     def ready(self) -> bool:
         return True
 
+    def data_report(self) -> dict[str, int]:
+        """What tokenisation had to cut (causal_lm): examples whose response was truncated at model.max_length
+        and examples whose prompt alone filled it (they add nothing to the loss)."""
+        return {"examples_truncated": getattr(self.task, "truncated", 0),
+                "examples_prompt_too_long": getattr(self.task, "prompt_too_long", 0)}
+
     def reevaluate(self, rnd: int):
         """Round `rnd`'s global evaluation again, after a worker holding a shard of it was lost (the driver
         asks; by then the next round may have changed the base, so the workers evaluate at `rnd`'s version)."""
         version = max((v for v, _ in self.base_log.entries if v <= rnd), default=0)
-        return self.pool.evaluate_now(*self.eval_inputs[rnd], self.test_idx, version,
+        return self.pool.evaluate_now(*self.eval_inputs[rnd], self.test_idx, self.gen_idx, version,
                                       self.cfg.federation.round_timeout_s)
 
     # ------------------------------------------------------------------------------------------------ round
@@ -163,7 +174,7 @@ class CoordinatorImpl:
         if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.federation.rounds:
             inputs = (ray.put(self.aggregator.evaluation_factors()), ray.put(self.heads.global_head))
             self.eval_inputs = {r: v for r, v in self.eval_inputs.items() if r >= rnd - 1} | {rnd: inputs}
-            pending.evaluation = self.pool.submit_evaluation(*inputs, self.test_idx)
+            pending.evaluation = self.pool.submit_evaluation(*inputs, self.test_idx, self.gen_idx)
         if agg.updates and agg.result.deviation_rel is None and not self.aggregator.personalized:
             per_module = {name: [(u.weight, u.factors[name]) for u in agg.updates] for name in agg.updates[0].factors}
             pending.deviation = deviation_task.remote(per_module, self.aggregator.global_factors,
@@ -175,7 +186,8 @@ class CoordinatorImpl:
         """The round's rows (and, when asked, the wire dump and a checkpoint)."""
         cfg = self.cfg
         out = RoundOutput(row=self._row(rnd, round_time, plan, outcomes, agg), pending=pending,
-                          clients=self._client_rows(rnd, plan.clients, outcomes))
+                          clients=self._client_rows(rnd, plan.clients, outcomes),
+                          group_names=getattr(self.task, "group_names", []))
         if cfg.output.save_updates:
             out.uploads = {u.client_id: upload_tensors(u, plan.clients[u.client_id]) for u in agg.updates}
             delta = self.base_log.cumulative() if self.aggregator.changes_base else None
@@ -239,7 +251,7 @@ class CoordinatorImpl:
         local = [r for r in done if r.local_accuracy is not None]
         up = sum(self.ledger.upload_numel(plan.clients[r.client_id], r.hook_output) for r in done)
         row = {"round": rnd, "wall_s": self.elapsed_before + (time.time() - self.started),
-               "round_time_s": round_time, "accuracy": None, "loss": None,
+               "round_time_s": round_time, "accuracy": None, "loss": None, "perplexity": None, "exact_match": None,
                "personalized_accuracy": (weighted([r.local_accuracy for r in local], [r.num_samples for r in local])
                                          if self._personal_eval() else None),
                "deviation_rel": agg.result.deviation_rel, "deviation_rel_round": None,

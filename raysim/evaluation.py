@@ -7,6 +7,7 @@ which must be folded into the base before the adapter is loaded.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def load_run_model(run_dir: str | Path):
     run_dir = Path(run_dir)
     cfg = validate_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     raw, partition = prepare_data(cfg)
-    base = build_base_model(cfg.model.name, raw.num_labels, cfg.seed)
+    base = build_base_model(cfg.model.name, raw.num_labels, cfg.seed, task=cfg.task.type)
     delta_file = run_dir / "adapter" / "base_delta.safetensors"
     if delta_file.exists():
         modules = dict(base.named_modules())
@@ -37,24 +38,19 @@ def load_run_model(run_dir: str | Path):
     return model.eval(), cfg, raw, partition
 
 
-def evaluate_run(run_dir: str | Path, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy and loss of the saved final model on the run's global test split."""
+def evaluate_run(run_dir: str | Path, batch_size: int = 64) -> dict[str, float | None]:
+    """The final model's metrics on the run's global test split (accuracy and loss; for causal_lm loss,
+    perplexity and exact_match on the same generation subset as the run)."""
     import torch
 
-    from raysim.models import tokenize_for_model
+    from raysim.engines.peft_engine import DataArrays
+    from raysim.tasks import task_for
 
     model, cfg, raw, partition = load_run_model(run_dir)
-    arrays = tokenize_for_model(raw, cfg)
+    task = task_for(cfg)
+    data = DataArrays(task.arrays(raw), torch.device("cpu"))
     idx = np.asarray(partition["test_idx"])
-    correct, loss_sum = 0, 0.0
     with torch.no_grad():
-        for start in range(0, len(idx), batch_size):
-            rows = idx[start:start + batch_size]
-            mask = torch.from_numpy(arrays["attention_mask"][rows].astype(np.int64))
-            length = max(1, int(mask.sum(dim=1).max()))
-            ids = torch.from_numpy(arrays["input_ids"][rows].astype(np.int64))[:, :length]
-            labels = torch.from_numpy(arrays["labels"][rows])
-            logits = model(input_ids=ids, attention_mask=mask[:, :length]).logits
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
-    return {"accuracy": correct / len(idx), "loss": loss_sum / len(idx)}
+        total = task.evaluate(model, data, idx, batch_size, contextlib.nullcontext, task.generation_subset(idx, cfg.seed))
+    metrics = total.metrics()
+    return {k: v for k, v in metrics.items() if k in task.metrics}

@@ -22,7 +22,8 @@ import yaml
 
 ROUND_SCHEMA = pa.schema([
     ("round", pa.int64()), ("wall_s", pa.float64()), ("round_time_s", pa.float64()),
-    ("accuracy", pa.float64()), ("loss", pa.float64()), ("personalized_accuracy", pa.float64()),
+    ("accuracy", pa.float64()), ("loss", pa.float64()), ("perplexity", pa.float64()),
+    ("exact_match", pa.float64()), ("personalized_accuracy", pa.float64()),
     ("deviation_rel", pa.float64()), ("deviation_rel_round", pa.float64()),
     ("bytes_up", pa.int64()), ("bytes_down", pa.int64()),
     ("clients_sampled", pa.int64()), ("clients_completed", pa.int64()), ("clients_failed", pa.int64()),
@@ -35,6 +36,24 @@ CLIENT_SCHEMA = pa.schema([
     ("bytes_up", pa.int64()), ("local_accuracy", pa.float64()), ("status", pa.string()),
     ("noisy", pa.bool_()),
 ])
+
+
+GROUP_SCHEMA = pa.schema([
+    ("round", pa.int64()), ("group", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
+    ("n", pa.int64()),
+])
+
+
+def group_rows(rnd: int, total, names: list[str]) -> list[dict[str, Any]]:
+    """groups.parquet rows of one evaluation (eval.group_by): every metric of every group, with the number of
+    examples it was measured on."""
+    rows = []
+    for code, sums in total.by_group().items():
+        for metric, value in sums.metrics().items():
+            if value is not None:
+                n = sums.sums.get("generated" if metric == "exact_match" else "count", 0)
+                rows.append({"round": rnd, "group": names[code], "metric": metric, "value": float(value), "n": int(n)})
+    return rows
 
 
 def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -60,7 +79,8 @@ def summarise_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     devs = [r["deviation_rel"] for r in rows if real(r.get("deviation_rel"))]
     return {
         "rounds": len(rows),
-        "final": {k: last.get(k) for k in ("accuracy", "loss", "personalized_accuracy", "deviation_rel")},
+        "final": {k: last.get(k) for k in ("accuracy", "loss", "perplexity", "exact_match", "personalized_accuracy",
+                                           "deviation_rel")},
         "best": {"accuracy": best[0], "round": best[1]},
         "last_evaluated": {"accuracy": accs[-1][0] if accs else None, "round": accs[-1][1] if accs else None},
         "totals": {k: int(sum(r[k] or 0 for r in rows))
@@ -120,6 +140,7 @@ class RunWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rounds_table = PartitionedTable(self.dir / "rounds.parquet", ROUND_SCHEMA)
         self.clients_table = PartitionedTable(self.dir / "clients.parquet", CLIENT_SCHEMA)
+        self.groups_table = PartitionedTable(self.dir / "groups.parquet", GROUP_SCHEMA)
         self.rounds: list[dict[str, Any]] = []
 
     def write_config(self, cfg_dict: dict[str, Any]) -> None:
@@ -127,13 +148,15 @@ class RunWriter:
 
     def load_existing(self, up_to_round: int) -> None:
         """On resume: keep the rows of rounds already done (up to the checkpoint), drop the rest."""
-        for table in (self.rounds_table, self.clients_table):
+        for table in (self.rounds_table, self.clients_table, self.groups_table):
             table.drop_after(up_to_round)
         self.rounds = sorted(self.rounds_table.rows(), key=lambda r: r["round"])
 
-    def add_round(self, row: dict[str, Any], clients: list[dict[str, Any]]) -> None:
+    def add_round(self, row: dict[str, Any], clients: list[dict[str, Any]], groups: list[dict[str, Any]] = ()) -> None:
         self.rounds.append(row)
         self.clients_table.write(row["round"], clients)
+        if groups:
+            self.groups_table.write(row["round"], list(groups))
         self.rounds_table.write(row["round"], [row])
 
     def write_updates(self, rnd: int, uploads: dict[int, tuple[dict, dict]], global_tensors: dict) -> None:

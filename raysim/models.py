@@ -1,12 +1,15 @@
 """Base models: the embedded MiniLM-L6, any local Hugging Face directory, or `random:<arch>`.
 
-`random:*` models are tiny (or benchmark-shaped) BERT configs initialised from the run seed, so every
-worker builds bit-identical weights without files or network. The name check is import-light (no
+`random:*` models are tiny (or benchmark-shaped) configs initialised from the run seed, so every worker
+builds bit-identical weights without files or network: BERT encoders (`RANDOM_ARCHS`, classification)
+and decoders (`RANDOM_DECODERS`, causal language modelling). The name checks are import-light (no
 torch) so the config can be validated before anything heavy is loaded.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EMBEDDED_MINILM = "embedded:minilm-l6"
+TASKS = ("seq_cls", "causal_lm")
 
 # Benchmark workloads: fixed shapes, so benchmarks compare across versions.
 RANDOM_ARCHS: dict[str, dict[str, int]] = {
@@ -27,28 +31,162 @@ RANDOM_ARCHS: dict[str, dict[str, int]] = {
                       intermediate_size=3072, max_position_embeddings=512),
 }
 
+# The byte tokenizer's special ids (pad 0, bos 1, eos 2), shared by every random decoder.
+_BYTE_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-def check_model_name(name: str, max_length: int) -> None:
-    """Raise ValueError (turned into a ConfigError naming model.name) for an unusable model name."""
-    if name == EMBEDDED_MINILM:
-        if max_length > 512:
-            raise ValueError(f"model.max_length: {max_length} exceeds MiniLM's 512 positions")
-        return
+# Random decoders: `model_type` picks the transformers config and model class, the rest are its
+# arguments. The tiny ones (vocab 259 = the byte tokenizer) untie the LM head from the input
+# embeddings so both can be trained and shared separately, and have no dropout (like Llama). The
+# benchmark shapes copy the published configs (Llama-3.2-1B, Qwen2-0.5B), tied embeddings included.
+RANDOM_DECODERS: dict[str, dict[str, Any]] = {
+    "llama-tiny": dict(model_type="llama", vocab_size=259, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                       max_position_embeddings=256, tie_word_embeddings=False, **_BYTE_TOKENS),
+    "gpt2-tiny": dict(model_type="gpt2", vocab_size=259, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+                      **_BYTE_TOKENS),
+    "llama-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+                     max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                     rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0,
+                                          low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192),
+                     **_BYTE_TOKENS),
+    "qwen-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+                      max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                      rope_parameters=dict(rope_type="default", rope_theta=1000000.0), **_BYTE_TOKENS),
+}
+
+# decoder families whose attention projections are q_proj/k_proj/v_proj/o_proj and whose input embeddings
+# are `embed_tokens` (Llama-style)
+LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+
+# attention query and value projections per architecture family (the LoRA paper's choice)
+DEFAULT_TARGETS: dict[str, list[str]] = {"bert": ["query", "value"], "gpt2": ["c_attn"],
+                                         **{family: ["q_proj", "v_proj"] for family in LLAMA_STYLE}}
+
+# causal_lm's default modules_to_save: the input embeddings and the LM head of each decoder family
+DEFAULT_SAVED: dict[str, list[str]] = {"gpt2": ["wte", "lm_head"],
+                                       **{family: ["embed_tokens", "lm_head"] for family in LLAMA_STYLE}}
+
+# model types that are encoders (classification only): a causal task cannot use them
+ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                           "xlm-roberta", "camembert", "mpnet", "xlnet"})
+
+
+def _random_arch(name: str) -> str:
+    return name.split(":", 1)[1]
+
+
+def is_random_decoder(name: str) -> bool:
+    return name.startswith("random:") and _random_arch(name) in RANDOM_DECODERS
+
+
+def architecture(name: str) -> str:
+    """The model family of a model name: `bert` for the embedded and random encoders, the `model_type`
+    of a random decoder (llama, gpt2, qwen2), else the `model_type` of a local directory's config.json."""
+    if name == EMBEDDED_MINILM or name.startswith("random:bert") or name.startswith("random:minilm"):
+        return "bert"
+    if is_random_decoder(name):
+        return RANDOM_DECODERS[_random_arch(name)]["model_type"]
     if name.startswith("random:"):
-        arch = name.split(":", 1)[1]
-        if arch not in RANDOM_ARCHS:
-            raise ValueError(f"model.name: unknown random architecture {arch!r}; allowed: "
-                             + ", ".join(f"random:{a}" for a in RANDOM_ARCHS))
-        limit = RANDOM_ARCHS[arch]["max_position_embeddings"]
-        if max_length > limit:
-            raise ValueError(f"model.max_length: {max_length} exceeds {name}'s {limit} positions")
-        return
-    if name.startswith("embedded:"):
+        return _random_arch(name).split("-", 1)[0]
+    return _read_config(name).get("model_type", "unknown")
+
+
+def target_modules(cfg) -> list[str]:
+    """`lora.target_modules`, or the architecture's default when it is null."""
+    if cfg.lora.target_modules is not None:
+        return list(cfg.lora.target_modules)
+    arch = architecture(cfg.model.name)
+    if arch not in DEFAULT_TARGETS:
+        raise ValueError(f"lora.target_modules: no default for model type {arch!r}; name the linear layers "
+                         "to adapt, e.g. [q_proj, v_proj]")
+    return list(DEFAULT_TARGETS[arch])
+
+
+def modules_to_save(cfg) -> list[str] | None:
+    """Modules trained in full and shared like the classifier head: `lora.modules_to_save`, or the task's
+    default when it is null.
+
+    seq_cls: None (PEFT's SEQ_CLS task type adds the classifier itself). causal_lm: the family's input
+    embeddings and LM head (`[]` with `lora.train_head: false`: a frozen full copy would only cost
+    memory). On a model with tied embeddings both names mean the one shared matrix: `wrap_lora` trains
+    a single copy and keeps the tie (see `raysim.lora.peft_io.wrap_lora`).
+    """
+    if cfg.lora.modules_to_save is not None:
+        return list(cfg.lora.modules_to_save)
+    if cfg.task.type == "seq_cls":
+        return None
+    if not cfg.lora.train_head:
+        return []
+    arch = architecture(cfg.model.name)
+    if arch not in DEFAULT_SAVED:
+        raise ValueError(f"lora.modules_to_save: no default for model type {arch!r}; name the input embedding "
+                         "and LM head modules, e.g. [embed_tokens, lm_head], or [] to train LoRA only")
+    return list(DEFAULT_SAVED[arch])
+
+
+def _read_config(name: str) -> dict[str, Any]:
+    return json.loads((Path(model_path(name)) / "config.json").read_text())
+
+
+def _positions(conf: dict[str, Any]) -> int | None:
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(conf.get(key), int):
+            return int(conf[key])
+    return None
+
+
+def _is_encoder(conf: dict[str, Any]) -> bool:
+    """A classification/encoder checkpoint: a BERT-like model type, or only *ForSequenceClassification
+    architectures listed."""
+    if conf.get("model_type") in ENCODER_TYPES:
+        return True
+    archs = conf.get("architectures") or []
+    return bool(archs) and all(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def _check_random(name: str, max_length: int, task: str) -> None:
+    arch = _random_arch(name)
+    allowed = RANDOM_DECODERS if task == "causal_lm" else RANDOM_ARCHS
+    if arch not in allowed:
+        if arch in RANDOM_DECODERS or arch in RANDOM_ARCHS:
+            kind = "a decoder (causal LM)" if arch in RANDOM_DECODERS else "a classification/encoder model"
+            need = ("task.type causal_lm needs a decoder (…ForCausalLM)" if task == "causal_lm"
+                    else "task.type seq_cls needs an encoder with a classification head")
+            raise ValueError(f"model.name: {name} is {kind}; {need}: use one of "
+                             + ", ".join(f"random:{a}" for a in allowed))
+        raise ValueError(f"model.name: unknown random architecture {arch!r}; allowed: "
+                         + ", ".join(f"random:{a}" for a in {**RANDOM_ARCHS, **RANDOM_DECODERS}))
+    limit = _positions(allowed[arch])
+    if max_length > limit:
+        raise ValueError(f"model.max_length: {max_length} exceeds {name}'s {limit} positions")
+
+
+def check_model_name(name: str, max_length: int, task: str = "seq_cls") -> None:
+    """Raise ValueError (turned into a ConfigError naming model.name) for an unusable model name, a model
+    that does not fit the task type, or a max_length beyond the model's positions."""
+    if task not in TASKS:
+        raise ValueError(f"task.type: unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    if name.startswith("random:"):
+        return _check_random(name, max_length, task)
+    if name.startswith("embedded:") and name != EMBEDDED_MINILM:
         raise ValueError(f"model.name: unknown embedded model {name!r}; allowed: {EMBEDDED_MINILM}")
-    path = Path(name)
-    if not (path.is_dir() and (path / "config.json").is_file()):
-        raise ValueError(f"model.name: {name!r} is neither {EMBEDDED_MINILM}, random:<arch> "
-                         f"({', '.join(RANDOM_ARCHS)}) nor a local Hugging Face model directory with config.json")
+    if name != EMBEDDED_MINILM:
+        path = Path(name)
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise ValueError(f"model.name: {name!r} is neither {EMBEDDED_MINILM}, random:<arch> "
+                             f"({', '.join({**RANDOM_ARCHS, **RANDOM_DECODERS})}) nor a local Hugging Face "
+                             "model directory with config.json")
+    conf = {"model_type": "bert", "max_position_embeddings": 512} if name == EMBEDDED_MINILM else _read_config(name)
+    if task == "causal_lm" and _is_encoder(conf):
+        raise ValueError(f"model.name: {name} is a classification/encoder model (model_type "
+                         f"{conf.get('model_type')!r}); task.type causal_lm needs a decoder (…ForCausalLM)")
+    limit = _positions(conf)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"model.max_length: {max_length} exceeds {name}'s {limit} positions")
 
 
 def model_path(name: str) -> str:
@@ -61,13 +199,30 @@ def model_path(name: str) -> str:
 
 
 def vocab_size(name: str) -> int | None:
+    if is_random_decoder(name):
+        return RANDOM_DECODERS[_random_arch(name)]["vocab_size"]
     if name.startswith("random:"):
-        return RANDOM_ARCHS[name.split(":", 1)[1]]["vocab_size"]
+        return RANDOM_ARCHS[_random_arch(name)]["vocab_size"]
     return None
 
 
+def hidden_size(name: str) -> int | None:
+    """Hidden size of a random model (encoder or decoder); None for other names."""
+    if not name.startswith("random:"):
+        return None
+    spec = RANDOM_DECODERS.get(_random_arch(name)) or RANDOM_ARCHS.get(_random_arch(name))
+    if spec is None:
+        return None
+    return int(spec.get("hidden_size", spec.get("n_embd")))
+
+
 def load_tokenizer(name: str) -> Any:
-    """HF tokenizer for embedded/local models; a HashingTokenizer for random:* models."""
+    """HF tokenizer for embedded/local models; a ByteTokenizer for random decoders and a HashingTokenizer
+    for random encoders."""
+    if is_random_decoder(name):
+        from raysim.data.tokenize import ByteTokenizer
+
+        return ByteTokenizer()
     if name.startswith("random:"):
         from raysim.data.tokenize import HashingTokenizer
 
@@ -77,22 +232,53 @@ def load_tokenizer(name: str) -> Any:
     return AutoTokenizer.from_pretrained(model_path(name))
 
 
-def build_base_model(name: str, num_labels: int, seed: int):
-    """Sequence-classification model, float32, eval-independent of call order (seeded build)."""
+def random_decoder_config(name: str):
+    """The transformers config of a random decoder (a fresh object each call)."""
+    from transformers import AutoConfig
+
+    spec = copy.deepcopy(RANDOM_DECODERS[_random_arch(name)])
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def build_base_model(name: str, num_labels: int, seed: int, task: str = "seq_cls"):
+    """The task's base model in float32, built deterministically from `seed` (same weights on every worker):
+    a sequence classifier (seq_cls) or a decoder with its LM head (causal_lm; num_labels is unused)."""
     import torch
     import transformers
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    if name.startswith("random:"):
-        cfg = BertConfig(num_labels=num_labels, **RANDOM_ARCHS[name.split(":", 1)[1]])
-        return BertForSequenceClassification(cfg)
     verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()        # the new head is reported as MISSING: expected
+    transformers.logging.set_verbosity_error()        # a new classifier head is reported as MISSING: expected
     try:
-        return AutoModelForSequenceClassification.from_pretrained(model_path(name), num_labels=num_labels)
+        if task == "causal_lm":
+            return _build_causal(name)
+        return _build_classifier(name, num_labels)
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+def _build_causal(name: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if name.startswith("random:"):
+        if not is_random_decoder(name):
+            raise ValueError(f"model.name: {name} is not a random decoder; allowed: "
+                             + ", ".join(f"random:{a}" for a in RANDOM_DECODERS))
+        return AutoModelForCausalLM.from_config(random_decoder_config(name), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model_path(name), dtype=torch.float32)
+
+
+def _build_classifier(name: str, num_labels: int):
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    if name.startswith("random:"):
+        if is_random_decoder(name):
+            raise ValueError(f"model.name: {name} is a decoder; task.type seq_cls needs an encoder")
+        return BertForSequenceClassification(BertConfig(num_labels=num_labels, **RANDOM_ARCHS[_random_arch(name)]))
+    return AutoModelForSequenceClassification.from_pretrained(model_path(name), num_labels=num_labels,
+                                                              dtype=torch.float32)
 
 
 def tokenize_for_model(raw, cfg) -> dict[str, Any]:

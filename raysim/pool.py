@@ -250,35 +250,31 @@ class WorkerPool:
 
     # -- evaluation -------------------------------------------------------------------------------------
 
-    def submit_evaluation(self, factors_ref, head_ref, idx: np.ndarray) -> list:
-        """Start the global evaluation, the test rows split in contiguous shards over the live workers; returns
-        the refs of the partial `EvalResult`s (sum them)."""
+    def submit_evaluation(self, factors_ref, head_ref, idx: np.ndarray, gen_idx: np.ndarray | None = None,
+                          base_version: int | None = None) -> list:
+        """Start the global evaluation, the test rows (and the generation rows) split in contiguous shards
+        over the live workers; returns the refs of the partial `EvalResult`s (sum them)."""
         live = [s for s in self.slots if s.alive]
+        shards = np.array_split(idx, len(live))
+        gen = np.array_split(gen_idx, len(live)) if gen_idx is not None else [None] * len(live)
         refs = []
-        for slot, shard in zip(live, [s for s in np.array_split(idx, len(live)) if len(s)]):
-            self._sync(slot)
-            refs.append(slot.handle.evaluate.remote(factors_ref, head_ref, shard))
+        for slot, shard, gen_shard in zip(live, shards, gen):
+            if len(shard) or (gen_shard is not None and len(gen_shard)):
+                self._sync(slot)
+                refs.append(slot.handle.evaluate.remote(factors_ref, head_ref, shard, base_version, gen_shard))
         return refs
 
-    def evaluate_now(self, factors_ref, head_ref, idx: np.ndarray, base_version: int, timeout_s: float,
-                     attempts: int = 3) -> EvalResult:
+    def evaluate_now(self, factors_ref, head_ref, idx: np.ndarray, gen_idx: np.ndarray | None, base_version: int,
+                     timeout_s: float, attempts: int = 3) -> EvalResult:
         """A blocking evaluation at `base_version` that survives lost workers (they are replaced and the
         evaluation is repeated on the live ones)."""
-        for attempt in range(attempts):
-            live = [s for s in self.slots if s.alive]
-            shards = [s for s in np.array_split(idx, len(live)) if len(s)]
-            refs = {}
-            for slot, shard in zip(live, shards):
-                self._sync(slot)
-                refs[slot.handle.evaluate.remote(factors_ref, head_ref, shard, base_version)] = slot
+        for _ in range(attempts):
+            refs = self.submit_evaluation(factors_ref, head_ref, idx, gen_idx, base_version)
             try:
-                parts = self._get_all(list(refs), timeout_s, "evaluation did not finish")
+                return EvalResult.total(self._get_all(refs, timeout_s, "evaluation did not finish"))
             except RayActorError:
-                for slot in refs.values():
-                    if slot.alive and not _responds(slot.handle):
-                        self._replace(slot)
-                continue
-            return EvalResult.total(parts)
+                for slot in [s for s in self.slots if s.alive and not _responds(s.handle)]:
+                    self._replace(slot)
         raise RuntimeError(f"evaluation failed {attempts} times: workers keep dying")
 
     def shutdown(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from raysim.config import ConfigError, ExperimentConfig, RankByDataSize, RankByQuality, RankTiers
+from raysim.models import target_modules
 from raysim.seeds import RANK_QUALITY, RANK_TIERS, derive_seed
 
 
@@ -89,18 +90,17 @@ def scale_for(cfg: ExperimentConfig):
 
 
 def known_min_dim(model_name: str) -> int | None:
-    """min(m, n) of a BERT-style model's adapted Linear layers, without loading weights.
+    """An upper bound of min(m, n) of the adapted Linear layers, without loading weights: the hidden size.
 
-    Every Linear of a BERT encoder (query/key/value, attention and FFN dense, pooler) has the hidden
-    size as its smaller side (intermediate_size ≥ hidden_size). random:* archs read RANDOM_ARCHS,
-    the embedded MiniLM and local HF directories their config.json (hidden_size, d_model or n_embd).
-    None when unknown (the coordinator checks the real shapes before training).
+    Every Linear of a BERT encoder has the hidden size as its smaller side; in decoders with grouped-query
+    attention the key/value projections are smaller still, which the coordinator's check on the real shapes
+    catches before round 1. random:* models read their table, the embedded MiniLM and local HF directories
+    their config.json (hidden_size, d_model or n_embd). None when unknown.
     """
-    from raysim.models import RANDOM_ARCHS, model_path
+    from raysim.models import hidden_size, model_path
 
     if model_name.startswith("random:"):
-        arch = RANDOM_ARCHS.get(model_name.split(":", 1)[1])
-        return None if arch is None else int(arch["hidden_size"])
+        return hidden_size(model_name)
     try:
         path = Path(model_path(model_name)) / "config.json"
         conf = json.loads(path.read_text())
@@ -128,4 +128,4 @@ def check_ranks_fit(cfg: ExperimentConfig, module_shapes: dict[str, tuple[int, i
         where = f"the hidden size of {cfg.model.name} is {bound}"
     if r_max > bound:
         raise ConfigError(f"lora.rank: rank {r_max} exceeds min(m, n) = {bound} of the target modules "
-                          f"{cfg.lora.target_modules} ({where}); use ranks <= {bound}")
+                          f"{target_modules(cfg)} ({where}); use ranks <= {bound}")

@@ -32,16 +32,24 @@ def prepare_data(cfg: ExperimentConfig):
     """Load the source and partition it; every data mistake is a ConfigError raised here, before Ray."""
     from raysim.data.federated import split_and_partition
     from raysim.data.sources import load_source
-    from raysim.models import check_model_name
+    from raysim.models import check_model_name, modules_to_save, target_modules
 
     try:
-        check_model_name(cfg.model.name, cfg.model.max_length)
+        check_model_name(cfg.model.name, cfg.model.max_length, task=cfg.task.type)
+        target_modules(cfg)                               # named, or a default for the architecture
+        modules_to_save(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     from raysim.ranks import check_ranks_fit
 
     check_ranks_fit(cfg)                                  # rank <= min(m, n), from the model's config
-    raw = load_source(cfg.data, cfg.seed)
+    if cfg.data.label_noise is not None and cfg.task.type != "seq_cls":
+        raise ConfigError("data.label_noise: flips class labels, so it needs task.type seq_cls "
+                          f"(got {cfg.task.type})")
+    raw = load_source(cfg.data, cfg.seed, task=cfg.task.type)
+    if cfg.eval.group_by and cfg.eval.group_by not in raw.columns:
+        raise ConfigError(f"eval.group_by: column {cfg.eval.group_by!r} not found; columns: "
+                          f"{', '.join(sorted(raw.columns)) or '(none besides the text and the label)'}")
     test_idx, client_train, client_test = split_and_partition(raw, cfg)
     return raw, {"test_idx": test_idx, "client_train": client_train, "client_test": client_test}
 
@@ -107,6 +115,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, address: str | None 
     session = None
     try:
         session = Session.start(cfg, raw, partition)
+        _warn_truncation(ray.get(session.coordinator.data_report.remote(), timeout=60), cfg)
         first_round = session.restore(run_dir, writer) if resume else 1
         clock.lap("workers_ready_s")
         with _progress(progress, cfg, first_round) as bar:
@@ -115,6 +124,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, address: str | None 
         files, base_delta = ray.get(session.coordinator.final_adapter.remote(_base_name(cfg)), timeout=600)
         writer.write_adapter(files, base_delta)
         summary = writer.write_summary(cfg.to_yaml_dict(), {
+            "data": ray.get(session.coordinator.data_report.remote(), timeout=60),
             "setup_s": clock.phases["data_s"] + clock.phases["ray_init_s"] + clock.phases["workers_ready_s"],
             "total_s": clock.elapsed(), "gpus_per_worker": session.spec.gpus, "run_dir": str(run_dir)})
     finally:
@@ -242,9 +252,9 @@ class Recorder:
     def record(self, out, timeout_s: float) -> None:
         from raysim.checkpoint import save_checkpoint
 
-        self._resolve(out, timeout_s)
+        groups = self._resolve(out, timeout_s)
         rnd = out.row["round"]
-        self.writer.add_round(out.row, out.clients)
+        self.writer.add_round(out.row, out.clients, groups)
         if out.global_tensors is not None:
             self.writer.write_updates(rnd, out.uploads, out.global_tensors)
         ckpt_dir = save_checkpoint(self.run_dir, *out.checkpoint) if out.checkpoint else None
@@ -252,15 +262,20 @@ class Recorder:
         if self.on_round is not None:
             self.on_round(out.row, ckpt_dir)
 
-    def _resolve(self, out, timeout_s: float) -> None:
+    def _resolve(self, out, timeout_s: float) -> list[dict[str, Any]]:
+        """Fill the row's pending metrics; returns the groups.parquet rows of this round's evaluation."""
         import ray
 
-        pending, row = out.pending, out.row
+        from raysim.metrics import group_rows
+
+        pending, row, groups = out.pending, out.row, []
         if pending.evaluation:
             total = self._evaluation(row["round"], pending.evaluation, timeout_s)
-            row["accuracy"], row["loss"] = total.accuracy, total.loss
+            row.update(total.metrics())
+            groups = group_rows(row["round"], total, out.group_names)
         if pending.deviation is not None:
             row["deviation_rel"], row["deviation_rel_round"] = ray.get(pending.deviation, timeout=timeout_s)
+        return groups
 
     def _evaluation(self, rnd: int, refs: list, timeout_s: float):
         """The summed evaluation shards; if a worker holding one was lost, the coordinator evaluates again."""
@@ -276,6 +291,16 @@ class Recorder:
             return EvalResult.total(ray.get(refs))
         except RayActorError:
             return ray.get(self.coordinator.reevaluate.remote(rnd), timeout=timeout_s * 3 + 600)
+
+
+def _warn_truncation(report: dict[str, int], cfg: ExperimentConfig) -> None:
+    """One line on stderr when tokenisation cut examples at model.max_length."""
+    import sys
+
+    if report["examples_truncated"] or report["examples_prompt_too_long"]:
+        print(f"raysim: model.max_length {cfg.model.max_length}: {report['examples_truncated']} examples "
+              f"truncated, {report['examples_prompt_too_long']} with a prompt that fills it (no loss)",
+              file=sys.stderr)
 
 
 def _base_name(cfg: ExperimentConfig) -> str:
@@ -306,7 +331,8 @@ class _progress:
 
         def update(row):
             fmt = lambda v, spec: "-" if v is None or v != v else format(v, spec)  # noqa: E731
-            self.bar.update(self.task, advance=1, acc=fmt(row["accuracy"], ".3f"), loss=fmt(row["loss"], ".3f"),
+            acc = row["accuracy"] if row.get("accuracy") is not None else row.get("exact_match")
+            self.bar.update(self.task, advance=1, acc=fmt(acc, ".3f"), loss=fmt(row["loss"], ".3f"),
                             dev=fmt(row["deviation_rel"], ".1e"))
         return update
 

@@ -25,11 +25,22 @@ class ModelConfig(_Strict):
 
     name: str = Field("embedded:minilm-l6", description="`embedded:minilm-l6` (the bundled MiniLM-L6, no "
                       "download), a local Hugging Face model directory, or `random:<arch>` (a randomly "
-                      "initialised BERT: bert-tiny, bert-mini, minilm, bert-base) for fast tests and benchmarks")
+                      "initialised model for fast tests and benchmarks: encoders bert-tiny, bert-mini, minilm, bert-base; "
+                      "decoders llama-tiny, gpt2-tiny (byte vocabulary) and the benchmark shapes llama-1b, qwen-0.5b)")
     max_length: int = Field(128, ge=8, le=4096, description="tokens per example; longer texts are truncated, "
                             "shorter ones padded (must fit the model's position embeddings)")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype of the frozen base "
                                                   "model; bfloat16 halves memory, float32 keeps runs exact")
+
+
+class TaskConfig(_Strict):
+    """What is learned: decides the model class, what a batch holds, the loss, the metrics and the PEFT task
+    type of the exported adapter."""
+
+    type: Literal["seq_cls", "causal_lm"] = Field("seq_cls", description="`seq_cls`: an encoder with a "
+                                                  "classification head (accuracy, loss); `causal_lm`: a decoder "
+                                                  "LLM trained on prompt/response pairs or plain text (loss, "
+                                                  "perplexity, exact_match of greedy generations)")
 
 
 class SyntheticConfig(_Strict):
@@ -41,6 +52,18 @@ class SyntheticConfig(_Strict):
     num_labels: int = Field(4, ge=2, description="number of classes")
     key_fraction: float = Field(0.25, gt=0, le=1, description="share of positions holding class key tokens; "
                                 "higher makes the task easier")
+
+
+class ArithConfig(_Strict):
+    """The generated arithmetic task of `data.source: synthetic:arith`: prompts such as `7*8=` with the result
+    as the response, and an `operator` column (for `partition: {scheme: by_column, column: operator}`)."""
+
+    num_examples: int = Field(4000, ge=10, description="number of generated prompt/response pairs (train + test)")
+    operators: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-", "*"], min_length=1,
+                                                    description="operators to draw from, uniformly")
+    max_operand: int = Field(9, ge=1, le=999, description="operands are drawn uniformly from 0..max_operand")
+    modulo: int | None = Field(10, ge=2, description="the response is the result modulo this (10: one digit, "
+                               "so a tiny model answers with one token); null: the exact result")
 
 
 _MIN_SAMPLES = "every client gets at least this many training examples (an error names the key when the " \
@@ -82,8 +105,19 @@ class QuantitySkewPartition(_Strict):
     min_samples: int = Field(4, ge=1, description=_MIN_SAMPLES)
 
 
+class ByColumnPartition(_Strict):
+    """Natural non-IID: each client draws its examples from `values_per_client` values of a column (an
+    operator, an instruction category, a domain); clients sharing a value split its examples."""
+
+    scheme: Literal["by_column"] = Field(description="selects this partition scheme")
+    column: str = Field(description="the data column whose values define the groups (e.g. `operator` for "
+                        "synthetic:arith, a category column of a JSONL file)")
+    values_per_client: int = Field(1, ge=1, description="how many of the column's values each client draws from")
+    min_samples: int = Field(4, ge=1, description=_MIN_SAMPLES)
+
+
 PartitionConfig = Annotated[
-    Union[IIDPartition, DirichletPartition, ShardsPartition, QuantitySkewPartition],
+    Union[IIDPartition, DirichletPartition, ShardsPartition, QuantitySkewPartition, ByColumnPartition],
     Field(discriminator="scheme"),
 ]
 
@@ -107,6 +141,14 @@ class DataConfig(_Strict):
     text_column: str = Field("text", description="column holding the text (file and hf-disk sources)")
     label_column: str = Field("label", description="column holding the class label (file and hf-disk sources); "
                               "any values, mapped to 0..C-1")
+    prompt_column: str | None = Field(None, description="causal_lm: column holding the prompt (instruction); "
+                                      "with response_column the loss covers the response tokens only; null: "
+                                      "plain language modelling on text_column")
+    response_column: str | None = Field(None, description="causal_lm: column holding the response the model "
+                                        "learns to generate")
+    chat_template: Literal["auto", "none"] = Field("auto", description="causal_lm: `auto` wraps prompt and "
+                                                   "response in the tokenizer's chat template when it has one; "
+                                                   "`none` concatenates them as they are")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of the examples held out as the global "
                                  "test split (0-1, exclusive)")
     local_test_fraction: float = Field(0.2, ge=0, lt=1, description="share of each client's examples kept "
@@ -118,18 +160,20 @@ class DataConfig(_Strict):
                                        "the schemes below, selected by `scheme`")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="settings of the "
                                        "`synthetic:text-cls` source (ignored by other sources)")
+    arith: ArithConfig = Field(default_factory=ArithConfig, description="settings of the `synthetic:arith` "
+                               "source (ignored by other sources)")
     label_noise: LabelNoiseConfig | None = Field(None, description="noisy training labels on some clients "
                                                  "(null = clean data)")
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        kinds = ("embedded:bbc-news", "synthetic:text-cls")
+        kinds = ("embedded:bbc-news", "synthetic:text-cls", "synthetic:arith")
         prefixes = ("parquet:", "csv:", "jsonl:", "hf-disk:")
         if v in kinds or (v.startswith(prefixes) and len(v.split(":", 1)[1]) > 0):
             return v
         raise ValueError(f"unknown data source {v!r}; allowed: embedded:bbc-news, synthetic:text-cls, "
-                         "parquet:PATH, csv:PATH, jsonl:PATH, hf-disk:PATH")
+                         "synthetic:arith, parquet:PATH, csv:PATH, jsonl:PATH, hf-disk:PATH")
 
 
 # ----------------------------------------------------------------------------- federation & training
@@ -246,11 +290,17 @@ class LoRAConfig(_Strict):
                            "...}`); mixed ranks need an aggregator that supports them")
     alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by s = alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input during local training")
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1,
-                                      description="names of the linear layers that get adapters (query and "
-                                      "value, as in the LoRA paper)")
+    target_modules: list[str] | None = Field(None, min_length=1, description="names of the linear layers that "
+                                             "get adapters; null: the architecture's attention query and value "
+                                             "projections, as in the LoRA paper (BERT `query, value`; Llama/Qwen/"
+                                             "Mistral `q_proj, v_proj`; GPT-2 `c_attn`)")
+    modules_to_save: list[str] | None = Field(None, description="modules trained in full and shared like the "
+                                              "classifier head (e.g. `embed_tokens`, `lm_head`); null: the "
+                                              "task's default (seq_cls: the classifier; causal_lm: the input "
+                                              "embeddings and the LM head)")
     train_head: bool = Field(True, description="train the classifier head (shared per head_policy); false "
-                             "keeps the randomly initialised head frozen")
+                             "keeps the randomly initialised head frozen; causal_lm: false trains no "
+                             "modules_to_save (embeddings and LM head stay frozen)")
     head_policy: Literal["fedavg", "local"] = Field(
         "fedavg", description="fedavg: the head is uploaded and averaged like FedAvg; local: each client keeps "
         "its own head (never sent), personalised evaluation on")
@@ -324,6 +374,16 @@ class EvalConfig(_Strict):
     personalized: bool = Field(False, description="also report per-client accuracy on the local test splits "
                                "(always on for personalised methods: fedsa, celora)")
     batch_size: int = Field(64, ge=1, description="examples per evaluation batch (memory and speed only)")
+    max_new_tokens: int = Field(8, ge=1, le=1024, description="causal_lm: tokens generated (greedy) per prompt "
+                                "for exact_match")
+    max_examples: int | None = Field(None, ge=1, description="causal_lm: generate for at most this many test "
+                                     "examples per evaluation (a seeded subset; null = all); loss and "
+                                     "perplexity use the whole split")
+    match: Literal["exact", "number"] = Field("exact", description="causal_lm: `exact` compares the stripped "
+                                              "generation with the response; `number` compares the last "
+                                              "number in each (GSM8K-style)")
+    group_by: str | None = Field(None, description="a data column (e.g. `operator`, a category); every "
+                                 "evaluation also writes per-value metrics to groups.parquet")
 
 
 class FaultsConfig(_Strict):
@@ -356,6 +416,7 @@ class ExperimentConfig(_Strict):
     name: str = Field("experiment", description="run name; the default run directory is runs/<name>-<time>")
     seed: int = Field(0, description="seed of every random choice (data split, sampling, init, faults); the "
                       "same config and seed give the same run")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="what is learned (see the task section)")
     model: ModelConfig = Field(default_factory=ModelConfig, description="base model")
     data: DataConfig = Field(default_factory=DataConfig, description="data source and partition")
     federation: FederationConfig = Field(default_factory=FederationConfig, description="clients and rounds")

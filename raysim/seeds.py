@@ -20,6 +20,7 @@ RANK_QUALITY = 0x7A2D     # quality scores for by_quality ranks: (seed, RANK_QUA
 TEST_SPLIT = 1            # the global test split:               default_rng([seed, TEST_SPLIT])
 LOCAL_SPLIT = 2           # clients' local test splits:          default_rng([seed, LOCAL_SPLIT])
 SYNTHETIC = 0x5EED        # synthetic data sources:              default_rng([seed, SYNTHETIC])
+EVAL_SUBSET = 0xE7A1      # test examples evaluated by generation (eval.max_examples): default_rng([seed, EVAL_SUBSET])
 
 
 def derive_seed(*parts: int) -> int:

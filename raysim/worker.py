@@ -26,9 +26,11 @@ class ClientWorkerImpl:
         import torch
 
         from raysim.lora.peft_io import lora_layers, wrap_lora
-        from raysim.models import build_base_model
+        from raysim.models import build_base_model, modules_to_save, target_modules
+        from raysim.tasks import task_for
 
         self.cfg = cfg
+        self.task = task_for(cfg)
         self.index = index
         self.num_labels = num_labels
         threads = max(1, int(self.cfg.resources.cpus_per_worker))
@@ -38,9 +40,10 @@ class ClientWorkerImpl:
         if use_cuda and gpu_fraction < 1:
             # fractional num_gpus is only a scheduling token: cap this process's memory for real
             torch.cuda.set_per_process_memory_fraction(gpu_fraction)
-        model = build_base_model(self.cfg.model.name, num_labels, self.cfg.seed)
-        self.model = wrap_lora(model, self.cfg.lora.max_rank(), self.cfg.lora.alpha, self.cfg.lora.target_modules,
-                               self.cfg.lora.dropout, self.cfg.seed).to(self.device)
+        model = build_base_model(self.cfg.model.name, num_labels, self.cfg.seed, task=self.task.name)
+        self.model = wrap_lora(model, self.cfg.lora.max_rank(), self.cfg.lora.alpha, target_modules(self.cfg),
+                               self.cfg.lora.dropout, self.cfg.seed, task_type=self.task.peft_task_type,
+                               modules_to_save=modules_to_save(self.cfg)).to(self.device)
         self.layers = lora_layers(self.model)
         self.base_version = 0
         self.applied: list[tuple[int, dict]] = []        # base deltas folded in, for `_base_at`
@@ -60,8 +63,8 @@ class ClientWorkerImpl:
 
         settings = EngineSettings.from_config(self.cfg)
         data = DataArrays(arrays, self.device)
-        self.labels = np.asarray(arrays["labels"])
-        self.engine = PeftEngine(self.model, data, settings)
+        self.labels = np.asarray(arrays.get("example_labels", arrays["labels"]))   # one class/group per example
+        self.engine = PeftEngine(self.model, data, settings, self.task)
         self.cohort = None
         if self.cfg.resources.engine == "cohort":
             from raysim.engines.cohort import CohortEngine
@@ -163,12 +166,14 @@ class ClientWorkerImpl:
         half = len(jobs) // 2
         return self._train_split(jobs[:half]) + self._train_split(jobs[half:])
 
-    def evaluate(self, factors, head, idx: np.ndarray, base_version: int | None = None) -> EvalResult:
-        """Loss and accuracy on rows `idx`; at an older base version if given (see `_base_at`)."""
+    def evaluate(self, factors, head, idx: np.ndarray, base_version: int | None = None,
+                 gen_idx: np.ndarray | None = None) -> EvalResult:
+        """The task's evaluation sums on rows `idx` (generations for `gen_idx`); at an older base version if
+        given (see `_base_at`)."""
         if base_version is None or base_version >= self.base_version:
-            return self.engine.evaluate(factors, head, np.asarray(idx))
+            return self.engine.evaluate(factors, head, np.asarray(idx), gen_idx)
         with self._base_at(base_version):
-            return self.engine.evaluate(factors, head, np.asarray(idx))
+            return self.engine.evaluate(factors, head, np.asarray(idx), gen_idx)
 
     def export_adapter(self, factors, head, base_model_name: str) -> dict[str, bytes]:
         """The adapter as a PEFT directory, returned as {filename: bytes} (the driver writes it)."""

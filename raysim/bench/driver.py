@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from raysim.bench.workloads import WORKLOADS
+from raysim.models import target_modules
 
 
 def run_bench(workload: str, *, ks: list[int] | None = None, e2e_engines: list[str] | None = None,
@@ -58,7 +59,7 @@ def _settings(cfg, dev, n_clients: int, threads: int, no_dropout: bool) -> dict[
     return {"model": cfg.model.name, "dtype": cfg.model.dtype if dev.type == "cuda" else "float32",
             "batch_size": cfg.train.batch_size, "max_length": cfg.model.max_length,
             "local_steps": cfg.train.local_steps, "rank": cfg.lora.rank,
-            "target_modules": cfg.lora.target_modules, "engine_clients": n_clients,
+            "target_modules": target_modules(cfg), "engine_clients": n_clients,
             "threads": 1 if dev.type == "cpu" else threads,
             "base_dropout": "off (in-process measurements)" if no_dropout else "as configured (0.1)"}
 

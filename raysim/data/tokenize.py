@@ -5,6 +5,9 @@
   vocabulary). With ``cache_dir`` the result is stored as ``.npz`` keyed by the tokenizer, the
   length and the texts, and reused on the next call.
 - Synthetic data is already tokenized; it is only padded or truncated to ``max_length``.
+
+`ByteTokenizer` is the decodable byte-level tokenizer of the random decoders (``causal_lm``); the
+causal tokenisation itself lives in `raysim.data.causal`.
 """
 
 from __future__ import annotations
@@ -74,6 +77,43 @@ class HashingTokenizer:
             ids[row, : len(tokens)] = tokens
             mask[row, : len(tokens)] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer for randomly initialised decoders: every text is decodable.
+
+    Ids: pad 0, bos 1, eos 2, byte b -> b + 3 (UTF-8), so ``vocab_size`` is 259. It answers the
+    subset of the Hugging Face tokenizer interface that raysim uses: ``tok(text or texts,
+    add_special_tokens=False)["input_ids"]``, ``decode``/``batch_decode`` and the special-token ids.
+    """
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    chat_template = None
+    name_or_path = "byte-tokenizer"
+    OFFSET = 3
+    vocab_size = 256 + OFFSET
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (one per UTF-8 byte), without special tokens."""
+        return [b + self.OFFSET for b in text.encode("utf-8")]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens (and ids outside the vocabulary) are always skipped."""
+        data = bytes(int(i) - self.OFFSET for i in ids if self.OFFSET <= int(i) < self.vocab_size)
+        return data.decode("utf-8", errors="replace")
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(row) for row in rows]
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict[str, list]:
+        """``{"input_ids": ids}`` for one text, or a list of id lists for a list of texts."""
+        prefix = [self.bos_token_id] if add_special_tokens else []
+        if isinstance(text, str):
+            return {"input_ids": prefix + self.encode(text)}
+        return {"input_ids": [prefix + self.encode(t) for t in text]}
 
 
 def tokenize(raw: RawData, tokenizer, max_length: int, cache_dir: Path | None = None) -> TokenizedData:

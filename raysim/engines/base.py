@@ -8,6 +8,7 @@ and returns only the trainable tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -79,28 +80,61 @@ class ClientResult:
 
 @dataclass
 class EvalResult:
-    loss_sum: float
-    correct: int
-    count: int
+    """Sums over evaluated examples, added across batches and shards; `metrics()` turns them into rates.
+
+    Classification: loss_sum, correct, count. Causal LM: nll_sum and tokens (response tokens), count, and
+    for generation exact and generated.
+    """
+
+    sums: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def zero() -> "EvalResult":
+        return EvalResult({})
+
+    @staticmethod
+    def classification(loss_sum: float, correct: int, count: int) -> "EvalResult":
+        return EvalResult({"loss_sum": loss_sum, "correct": correct, "count": count})
 
     def __add__(self, other: "EvalResult") -> "EvalResult":
-        return EvalResult(self.loss_sum + other.loss_sum, self.correct + other.correct, self.count + other.count)
+        keys = set(self.sums) | set(other.sums)
+        return EvalResult({k: self.sums.get(k, 0) + other.sums.get(k, 0) for k in keys})
 
     @staticmethod
     def total(parts: list["EvalResult"]) -> "EvalResult":
         """The sum of evaluation shards."""
-        out = EvalResult(0.0, 0, 0)
+        out = EvalResult.zero()
         for part in parts:
             out = out + part
         return out
 
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.count if self.count else float("nan")
+    def _rate(self, num: str, den: str) -> float | None:
+        return self.sums[num] / self.sums[den] if num in self.sums and self.sums.get(den) else None
 
     @property
-    def loss(self) -> float:
-        return self.loss_sum / self.count if self.count else float("nan")
+    def accuracy(self) -> float | None:
+        return self._rate("correct", "count")
+
+    @property
+    def loss(self) -> float | None:
+        """Mean loss per example (classification) or per response token (causal LM)."""
+        return self._rate("nll_sum", "tokens") if "nll_sum" in self.sums else self._rate("loss_sum", "count")
+
+    def by_group(self) -> dict[int, "EvalResult"]:
+        """The per-group sums (eval.group_by), keyed by group code."""
+        out: dict[int, dict[str, float]] = {}
+        for key, value in self.sums.items():
+            if key.startswith("group/"):
+                _, code, name = key.split("/", 2)
+                out.setdefault(int(code), {})[name] = value
+        return {code: EvalResult(sums) for code, sums in sorted(out.items())}
+
+    def metrics(self) -> dict[str, float | None]:
+        """accuracy, loss, perplexity = exp(token loss), exact_match; None where the task has no such metric."""
+        loss = self.loss
+        perplexity = math.exp(min(loss, 700.0)) if loss is not None and "nll_sum" in self.sums else None
+        return {"accuracy": self.accuracy, "loss": loss, "perplexity": perplexity,
+                "exact_match": self._rate("exact", "generated")}
 
 
 @dataclass

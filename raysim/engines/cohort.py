@@ -33,7 +33,6 @@ per-factor learning-rate multipliers (`ClientJob.lr_scale`) are trained as separ
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -428,5 +427,6 @@ class CohortEngine:
                 loss_sum.index_add_(0, pos, self._per_client(ctx, ce.to(dtype), None, mean=False))
                 correct.index_add_(0, pos, self._per_client(ctx, hit.long(), None, mean=False))
         loss_host, correct_host = loss_sum.cpu().numpy(), correct.cpu().numpy()
-        return [EvalResult(float(loss_host[k]), int(correct_host[k]), len(jobs[k].test_idx)) if k in with_test
+        return [EvalResult.classification(float(loss_host[k]), int(correct_host[k]), len(jobs[k].test_idx))
+                if k in with_test
                 else None for k in range(K)]

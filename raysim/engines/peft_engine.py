@@ -27,28 +27,54 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter] | list[dict], lr:
 
 
 class DataArrays:
-    """Tokenised examples as torch views of numpy arrays (zero-copy from the object store)."""
+    """Tokenised examples as torch tensors over the object store's numpy arrays.
+
+    Always: input_ids, attention_mask (N, L) right-padded, labels ((N,) class ids or (N, L) token labels
+    with -100 where no loss is taken). Causal LM data also holds left-padded prompts for generation
+    (prompt_ids, prompt_mask (N, P)) and the reference responses (response_text).
+    """
 
     def __init__(self, arrays: dict[str, np.ndarray], device: torch.device):
         self.input_ids = torch.from_numpy(np.asarray(arrays["input_ids"], dtype=np.int64))           # (N, L)
         self.attention_mask = torch.from_numpy(np.asarray(arrays["attention_mask"], dtype=np.int64))  # (N, L)
-        self.labels = torch.from_numpy(np.asarray(arrays["labels"], dtype=np.int64))                  # (N,)
+        self.labels = torch.from_numpy(np.asarray(arrays["labels"], dtype=np.int64))                  # (N,) | (N, L)
+        self.prompt_ids = arrays.get("prompt_ids")
+        self.prompt_mask = arrays.get("prompt_mask")
+        self.response_text = arrays.get("response_text")
+        self.eval_group = arrays.get("eval_group")          # per-example group codes (eval.group_by)
         self.device = device
 
-    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch(self, idx: np.ndarray, keys=("input_ids", "attention_mask", "labels")) -> dict[str, torch.Tensor]:
         """Rows `idx`, trimmed to the longest real sequence in the batch (padding is on the right)."""
         t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
         mask = self.attention_mask[t]
         length = max(1, int(mask.sum(dim=1).max()))
-        return {"input_ids": self.input_ids[t, :length].to(self.device),
-                "attention_mask": mask[:, :length].to(self.device),
-                "labels": self.labels[t].to(self.device)}
+        out = {"input_ids": self.input_ids[t, :length], "attention_mask": mask[:, :length]}
+        labels = self.labels[t]
+        out["labels"] = labels[:, :length] if labels.dim() == 2 else labels
+        return {k: out[k].to(self.device) for k in keys}
+
+    def prompts(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompts of rows `idx`, without the columns that are padding in every row."""
+        ids = torch.from_numpy(np.asarray(self.prompt_ids[np.asarray(idx)], dtype=np.int64))
+        mask = torch.from_numpy(np.asarray(self.prompt_mask[np.asarray(idx)], dtype=np.int64))
+        first = int((mask.sum(dim=0) > 0).float().argmax()) if mask.any() else 0
+        return ids[:, first:].to(self.device), mask[:, first:].to(self.device)
+
+    def groups(self, idx: np.ndarray) -> np.ndarray | None:
+        return None if self.eval_group is None else np.asarray(self.eval_group)[np.asarray(idx)]
+
+    def responses(self, idx: np.ndarray) -> list[str]:
+        return [str(x) for x in self.response_text[np.asarray(idx)]]
 
 
 class PeftEngine:
-    def __init__(self, model, data: DataArrays, settings: EngineSettings):
+    def __init__(self, model, data: DataArrays, settings: EngineSettings, task=None):
+        from raysim.tasks.seq_cls import SeqClsTask
+
         self.model = model
         self.data = data
+        self.task = task or SeqClsTask(None)
         self.settings = settings
         self.optimizer_name = settings.optimizer
         self.lr = settings.lr
@@ -97,7 +123,7 @@ class PeftEngine:
         losses = []
         for idx in batch_schedule(job.train_idx, job.steps, self.batch_size, job.seed):
             with self._autocast():
-                loss = self.model(**self.data.batch(idx)).loss
+                loss = self.model(**self.task.batch(self.data, idx)).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.max_grad_norm:
@@ -116,21 +142,14 @@ class PeftEngine:
         return result
 
     @torch.no_grad()
-    def evaluate(self, factors, head, idx: np.ndarray) -> EvalResult:
+    def evaluate(self, factors, head, idx: np.ndarray, gen_idx: np.ndarray | None = None) -> EvalResult:
         set_factors(self.model, factors)
         set_head(self.model, head)
-        return self.evaluate_loaded(idx)
+        return self.evaluate_loaded(idx, gen_idx)
 
     @torch.no_grad()
-    def evaluate_loaded(self, idx: np.ndarray) -> EvalResult:
-        """Loss sum, correct predictions and count on rows `idx` with the currently loaded adapter."""
+    def evaluate_loaded(self, idx: np.ndarray, gen_idx: np.ndarray | None = None) -> EvalResult:
+        """The task's evaluation sums on rows `idx` (and generations for `gen_idx`) with the loaded adapter."""
         self.model.eval()
-        total = EvalResult(0.0, 0, 0)
-        for start in range(0, len(idx), self.eval_batch_size):
-            batch = self.data.batch(idx[start:start + self.eval_batch_size])
-            with self._autocast():
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-            correct = int((logits.argmax(dim=-1) == batch["labels"]).sum())
-            total = total + EvalResult(float(loss), correct, len(batch["labels"]))
-        return total
+        return self.task.evaluate(self.model, self.data, np.asarray(idx), self.eval_batch_size, self._autocast,
+                                  None if gen_idx is None else np.asarray(gen_idx))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
 from raysim.lora.factors import Factors, LoRAFactors
 from raysim.lora.tri import get_core, set_core
@@ -21,12 +22,72 @@ PREFIX = "base_model.model."
 
 
 def wrap_lora(model: torch.nn.Module, rank: int, alpha: float, target_modules: list[str], dropout: float,
-              seed: int) -> PeftModel:
-    """PEFT-wrap a sequence classifier with LoRA of rank `rank` (the maximum client rank)."""
+              seed: int, task_type: str = "SEQ_CLS", modules_to_save: list[str] | None = None) -> PeftModel:
+    """PEFT-wrap a base model with LoRA of rank `rank` (the maximum client rank).
+
+    task_type: PEFT's `SEQ_CLS` (it adds the classifier to modules_to_save itself) or `CAUSAL_LM`; the
+    config's `seq_cls` / `causal_lm` are accepted too. modules_to_save: modules trained in full and shared
+    like the classifier (None or []: nothing beyond what the task type adds). Targets that are all GPT-2
+    `Conv1D`s get `fan_in_fan_out=True` (their weight is stored (in, out)).
+
+    Tied embeddings (the LM head shares the input embedding matrix, as in Llama-3.2-1B or Qwen2-0.5B):
+    naming either module trains ONE full copy that stays shared by both, as in the base model (PEFT's
+    `ensure_weight_tying`). `head_parameters` lists it once, under the input embedding's name; PEFT's
+    adapter file stores it under both names and re-ties it when the adapter is loaded.
+    """
     torch.manual_seed(seed)                        # identical A init on every worker
-    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                     target_modules=list(target_modules))
+    targets = list(target_modules)
+    saved, tie = _saved_modules(model, modules_to_save)
+    cfg = LoraConfig(task_type=TaskType(task_type.upper()), r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                     target_modules=targets, fan_in_fan_out=_targets_are_conv1d(model, targets),
+                     modules_to_save=saved, ensure_weight_tying=tie)
     return get_peft_model(model, cfg)
+
+
+def _matches(module_name: str, pattern: str) -> bool:
+    """PEFT's rule for a list of target names: the full name or its dotted suffix."""
+    return module_name == pattern or module_name.endswith("." + pattern)
+
+
+def _targets_are_conv1d(model: torch.nn.Module, targets: list[str]) -> bool:
+    hits = [m for name, m in model.named_modules() if any(_matches(name, t) for t in targets)]
+    return bool(hits) and all(is_fan_in_fan_out(m) for m in hits)
+
+
+def has_tied_embeddings(model: torch.nn.Module) -> bool:
+    """True when the model's LM head uses the input embedding matrix itself."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _saved_modules(model: torch.nn.Module, names: list[str] | None) -> tuple[list[str] | None, bool]:
+    """modules_to_save for PEFT and whether PEFT must keep the embedding tie (see `wrap_lora`)."""
+    if not names:
+        return None, False
+    names = list(names)
+    if not has_tied_embeddings(model):
+        return names, False
+    embed = _module_name(model, model.get_input_embeddings())
+    head = _module_name(model, model.get_output_embeddings())
+    if not any(_matches(embed, n) or _matches(head, n) for n in names):
+        return names, False
+    head_leaf = head.rsplit(".", 1)[-1]
+    if head_leaf not in EMBEDDING_LAYER_NAMES:
+        raise ValueError(f"lora.modules_to_save: {names} includes the tied embedding/LM head ({embed}, {head}), "
+                         f"which this model type cannot keep tied; leave them out")
+    if not any(_matches(head, n) for n in names):
+        names.append(head_leaf)                  # PEFT recognises the tie by the LM head's name
+    return names, True
+
+
+def module_shape(layer: LoraLayer) -> tuple[int, int]:
+    """(m, n) = (out, in) of an adapted module in nn.Linear orientation, also for GPT-2's Conv1D (whose
+    weight is stored (in, out)): read from the factors, B (m, r) and A (r, n)."""
+    return int(layer.lora_B[ADAPTER].weight.shape[0]), int(layer.lora_A[ADAPTER].weight.shape[1])
 
 
 def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
@@ -39,9 +100,10 @@ def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
 
 
 def head_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
-    """Trainable non-LoRA parameters (the classifier head in modules_to_save), canonical names.
-
-    `classifier.modules_to_save.default.weight` -> `classifier.weight` (the name PEFT saves it under).
+    """Trainable non-LoRA parameters (modules_to_save: the classifier head; a decoder's input embeddings and
+    LM head), canonical names: `classifier.modules_to_save.default.weight` -> `classifier.weight`,
+    `model.embed_tokens.modules_to_save.default.weight` -> `model.embed_tokens.weight` (the names PEFT
+    saves them under). A tied embedding/LM-head copy is one parameter, listed once (as the embedding).
     """
     out = {}
     for name, p in model.named_parameters():
@@ -56,7 +118,7 @@ def get_factors(model: PeftModel, ranks: dict[str, int] | None = None) -> Factor
     """Current factors as float32 numpy copies; `ranks` limits each module to its first r slots."""
     out = {}
     for name, layer in lora_layers(model).items():
-        a = layer.lora_A[ADAPTER].weight                     # (r_max, n)
+        a = layer.lora_A[ADAPTER].weight                     # (r_max, n), nn.Linear orientation (Conv1D too)
         b = layer.lora_B[ADAPTER].weight                     # (m, r_max)
         r = a.shape[0] if ranks is None else ranks[name]
         out[name] = LoRAFactors(a=a[:r].float().cpu().numpy().copy(), b=b[:, :r].float().cpu().numpy().copy(),

@@ -31,7 +31,8 @@ def run_report(run_dir: Path, dest: Path) -> Path:
 
 
 def _run_plots(rounds, dest: Path) -> list[Path]:
-    pngs = [round_plot(rounds, [("accuracy", "global accuracy"), ("personalized_accuracy", "personalised accuracy")],
+    pngs = [round_plot(rounds, [("accuracy", "global accuracy"), ("personalized_accuracy", "personalised accuracy"),
+                                ("exact_match", "exact match (greedy generation)")],
                        "accuracy", "Test accuracy", dest / "accuracy.png"),
             round_plot(rounds, [("loss", "test loss"), ("train_loss", "train loss (clients)")],
                        "loss", "Loss", dest / "loss.png")]

@@ -180,7 +180,7 @@ def test_cohort_leaves_the_peft_model_intact():
     before = peft.evaluate(factors, head, np.arange(300, 400))
     cohort.train_cohort(_jobs(model))
     after = cohort.evaluate(factors, head, np.arange(300, 400))
-    assert (after.correct, after.count) == (before.correct, before.count)
-    assert after.loss_sum == pytest.approx(before.loss_sum, rel=1e-12)
+    assert (after.sums["correct"], after.sums["count"]) == (before.sums["correct"], before.sums["count"])
+    assert after.sums["loss_sum"] == pytest.approx(before.sums["loss_sum"], rel=1e-12)
     assert model.config._attn_implementation == "sdpa"
     assert all(type(m).__name__ != "SegmentDropout" for m in model.modules())

@@ -20,13 +20,13 @@ import yaml
 from pydantic import BaseModel, Tag, ValidationError
 
 from raysim.errors import ConfigError
-from raysim.schema import (AggregatorConfig, ArithConfig, ByColumnPartition, DataConfig, DirichletPartition, EvalConfig, ExperimentConfig,
+from raysim.schema import (AggregatorConfig, ArithConfig, ByColumnPartition, DataConfig, GroupsPartition, ImageDomain, DirichletPartition, EvalConfig, ExperimentConfig,
                            FaultsConfig, FederationConfig, IIDPartition, LabelNoiseConfig, LoRAConfig, ModelConfig,
                            OutputConfig, PartitionConfig, QuantitySkewPartition, RankByDataSize, RankByQuality,
                            RankSpec, RankTiers, ResourcesConfig, ShardsPartition, SyntheticConfig, TaskConfig,
                            TrainConfig)
 
-__all__ = ["AggregatorConfig", "ArithConfig", "ByColumnPartition", "ConfigError", "DataConfig", "DirichletPartition", "EvalConfig", "ExperimentConfig",
+__all__ = ["AggregatorConfig", "ArithConfig", "ByColumnPartition", "ConfigError", "GroupsPartition", "ImageDomain", "DataConfig", "DirichletPartition", "EvalConfig", "ExperimentConfig",
            "FaultsConfig", "FederationConfig", "IIDPartition", "LabelNoiseConfig", "LoRAConfig", "ModelConfig",
            "OutputConfig", "PartitionConfig", "QuantitySkewPartition", "RankByDataSize", "RankByQuality", "RankSpec",
            "RankTiers", "ResourcesConfig", "ShardsPartition", "SyntheticConfig", "TaskConfig", "TrainConfig", "apply_overrides",

@@ -35,7 +35,7 @@ from raysim.ranks import assign_ranks, check_ranks_fit, scale_for
 from raysim.records import client_row, frozen_changed, global_tensors, upload_tensors, weighted
 from raysim.sampling import ClientSampler
 from raysim.seeds import client_seed
-from raysim.tasks import task_for
+from raysim.tasks import ROW_METRICS, task_for
 
 
 @dataclass
@@ -251,7 +251,7 @@ class CoordinatorImpl:
         local = [r for r in done if r.local_accuracy is not None]
         up = sum(self.ledger.upload_numel(plan.clients[r.client_id], r.hook_output) for r in done)
         row = {"round": rnd, "wall_s": self.elapsed_before + (time.time() - self.started),
-               "round_time_s": round_time, "accuracy": None, "loss": None, "perplexity": None, "exact_match": None,
+               "round_time_s": round_time, **dict.fromkeys(ROW_METRICS),
                "personalized_accuracy": (weighted([r.local_accuracy for r in local], [r.num_samples for r in local])
                                          if self._personal_eval() else None),
                "deviation_rel": agg.result.deviation_rel, "deviation_rel_round": None,

@@ -23,7 +23,8 @@ import yaml
 ROUND_SCHEMA = pa.schema([
     ("round", pa.int64()), ("wall_s", pa.float64()), ("round_time_s", pa.float64()),
     ("accuracy", pa.float64()), ("loss", pa.float64()), ("perplexity", pa.float64()),
-    ("exact_match", pa.float64()), ("personalized_accuracy", pa.float64()),
+    ("exact_match", pa.float64()), ("macro_f1", pa.float64()), ("mcc", pa.float64()), ("pearson", pa.float64()),
+    ("spearman", pa.float64()), ("personalized_accuracy", pa.float64()),
     ("deviation_rel", pa.float64()), ("deviation_rel_round", pa.float64()),
     ("bytes_up", pa.int64()), ("bytes_down", pa.int64()),
     ("clients_sampled", pa.int64()), ("clients_completed", pa.int64()), ("clients_failed", pa.int64()),
@@ -79,8 +80,8 @@ def summarise_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     devs = [r["deviation_rel"] for r in rows if real(r.get("deviation_rel"))]
     return {
         "rounds": len(rows),
-        "final": {k: last.get(k) for k in ("accuracy", "loss", "perplexity", "exact_match", "personalized_accuracy",
-                                           "deviation_rel")},
+        "final": {k: last.get(k) for k in ("accuracy", "loss", "perplexity", "exact_match", "macro_f1", "mcc",
+                                           "pearson", "spearman", "personalized_accuracy", "deviation_rel")},
         "best": {"accuracy": best[0], "round": best[1]},
         "last_evaluated": {"accuracy": accs[-1][0] if accs else None, "round": accs[-1][1] if accs else None},
         "totals": {k: int(sum(r[k] or 0 for r in rows))

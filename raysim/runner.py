@@ -43,15 +43,29 @@ def prepare_data(cfg: ExperimentConfig):
     from raysim.ranks import check_ranks_fit
 
     check_ranks_fit(cfg)                                  # rank <= min(m, n), from the model's config
-    if cfg.data.label_noise is not None and cfg.task.type != "seq_cls":
-        raise ConfigError("data.label_noise: flips class labels, so it needs task.type seq_cls "
-                          f"(got {cfg.task.type})")
+    _check_task_keys(cfg)
     raw = load_source(cfg.data, cfg.seed, task=cfg.task.type)
     if cfg.eval.group_by and cfg.eval.group_by not in raw.columns:
         raise ConfigError(f"eval.group_by: column {cfg.eval.group_by!r} not found; columns: "
                           f"{', '.join(sorted(raw.columns)) or '(none besides the text and the label)'}")
     test_idx, client_train, client_test = split_and_partition(raw, cfg)
     return raw, {"test_idx": test_idx, "client_train": client_train, "client_test": client_test}
+
+
+def _check_task_keys(cfg: ExperimentConfig) -> None:
+    """Keys that only make sense for some task types."""
+    task = cfg.task.type
+    if cfg.data.label_noise is not None and task != "seq_cls":
+        raise ConfigError(f"data.label_noise: flips class labels, so it needs task.type seq_cls (got {task})")
+    if cfg.data.domains is not None and task != "image_cls":
+        raise ConfigError(f"data.domains: image transforms need task.type image_cls (got {task})")
+    if task == "image_cls" and cfg.data.image_size is not None:
+        from raysim.models import image_spec
+
+        size = image_spec(cfg.model.name)["image_size"]
+        if cfg.data.image_size != size:
+            raise ConfigError(f"data.image_size: {cfg.data.image_size} does not fit {cfg.model.name}, which "
+                              f"takes {size}×{size} images; use {size} or null")
 
 
 def start_ray(address: str | None, cfg: ExperimentConfig, verbose: bool = False) -> bool:
@@ -104,6 +118,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, address: str | None 
     """
     import ray
 
+    from raysim.tasks import logged_metrics
+
     clock = PhaseClock()
     raw, partition = prepared if prepared is not None else prepare_data(cfg)
     clock.lap("data_s")
@@ -119,7 +135,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, address: str | None 
         first_round = session.restore(run_dir, writer) if resume else 1
         clock.lap("workers_ready_s")
         with _progress(progress, cfg, first_round) as bar:
-            recorder = Recorder(session.coordinator, writer, run_dir, bar, on_round)
+            recorder = Recorder(session.coordinator, writer, run_dir, bar, on_round, logged_metrics(cfg))
             drive_rounds(session.coordinator, recorder, first_round, cfg, clock)
         files, base_delta = ray.get(session.coordinator.final_adapter.remote(_base_name(cfg)), timeout=600)
         writer.write_adapter(files, base_delta)
@@ -242,8 +258,9 @@ class Recorder:
     """Completes and writes one round: waits for its evaluation and deviation metric, then writes the rows,
     the wire dump and the checkpoint, updates the progress bar and calls `on_round`."""
 
-    def __init__(self, coordinator, writer: RunWriter, run_dir: Path, bar, on_round):
+    def __init__(self, coordinator, writer: RunWriter, run_dir: Path, bar, on_round, logged: tuple[str, ...]):
         self.coordinator = coordinator
+        self.logged = logged                       # the metric columns this run fills
         self.writer = writer
         self.run_dir = run_dir
         self.bar = bar
@@ -271,7 +288,8 @@ class Recorder:
         pending, row, groups = out.pending, out.row, []
         if pending.evaluation:
             total = self._evaluation(row["round"], pending.evaluation, timeout_s)
-            row.update(total.metrics())
+            metrics = total.metrics()
+            row.update({k: metrics[k] for k in self.logged})
             groups = group_rows(row["round"], total, out.group_names)
         if pending.deviation is not None:
             row["deviation_rel"], row["deviation_rel_round"] = ray.get(pending.deviation, timeout=timeout_s)

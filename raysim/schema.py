@@ -13,8 +13,9 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from raysim.schema_data import (ArithConfig, ByColumnPartition, DataConfig, DirichletPartition,  # noqa: F401
+                                GroupsPartition, IIDPartition, ImageDomain, LabelNoiseConfig, PartitionConfig,
+                                QuantitySkewPartition, ShardsPartition, SyntheticConfig, _Strict)
 
 
 # ----------------------------------------------------------------------------- model & data
@@ -37,143 +38,12 @@ class TaskConfig(_Strict):
     """What is learned: decides the model class, what a batch holds, the loss, the metrics and the PEFT task
     type of the exported adapter."""
 
-    type: Literal["seq_cls", "causal_lm"] = Field("seq_cls", description="`seq_cls`: an encoder with a "
-                                                  "classification head (accuracy, loss); `causal_lm`: a decoder "
-                                                  "LLM trained on prompt/response pairs or plain text (loss, "
-                                                  "perplexity, exact_match of greedy generations)")
-
-
-class SyntheticConfig(_Strict):
-    """The generated text-classification task used by `data.source: synthetic:text-cls`."""
-
-    num_examples: int = Field(2000, ge=2, description="number of generated examples (train + test)")
-    seq_len: int = Field(32, ge=4, description="tokens per generated example")
-    vocab_size: int = Field(1000, ge=16, description="size of the generated token vocabulary")
-    num_labels: int = Field(4, ge=2, description="number of classes")
-    key_fraction: float = Field(0.25, gt=0, le=1, description="share of positions holding class key tokens; "
-                                "higher makes the task easier")
-
-
-class ArithConfig(_Strict):
-    """The generated arithmetic task of `data.source: synthetic:arith`: prompts such as `7*8=` with the result
-    as the response, and an `operator` column (for `partition: {scheme: by_column, column: operator}`)."""
-
-    num_examples: int = Field(4000, ge=10, description="number of generated prompt/response pairs (train + test)")
-    operators: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-", "*"], min_length=1,
-                                                    description="operators to draw from, uniformly")
-    max_operand: int = Field(9, ge=1, le=999, description="operands are drawn uniformly from 0..max_operand")
-    modulo: int | None = Field(10, ge=2, description="the response is the result modulo this (10: one digit, "
-                               "so a tiny model answers with one token); null: the exact result")
-
-
-_MIN_SAMPLES = "every client gets at least this many training examples (an error names the key when the " \
-               "data is too small for num_clients x min_samples)"
-
-
-class IIDPartition(_Strict):
-    """Uniformly random split: every client sees the same label distribution."""
-
-    scheme: Literal["iid"] = Field(description="selects this partition scheme")
-    min_samples: int = Field(4, ge=1, description=_MIN_SAMPLES)
-
-
-class DirichletPartition(_Strict):
-    """Label skew: each client's label mix is drawn from Dirichlet(alpha)."""
-
-    scheme: Literal["dirichlet"] = Field(description="selects this partition scheme")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration of each client's label mix; small "
-                         "(0.1) = few labels per client, large (100) = close to IID; 0.5 is a common non-IID "
-                         "benchmark setting")
-    min_samples: int = Field(4, ge=1, description=_MIN_SAMPLES)
-
-
-class ShardsPartition(_Strict):
-    """Pathological label skew: the label-sorted data is cut into shards, each client gets a few."""
-
-    scheme: Literal["shards"] = Field(description="selects this partition scheme")
-    shards_per_client: int = Field(2, ge=1, description="label-sorted shards given to each client (2: most "
-                                   "clients see at most two labels)")
-    min_samples: int = Field(4, ge=1, description=_MIN_SAMPLES)
-
-
-class QuantitySkewPartition(_Strict):
-    """Size skew: IID labels, but client sizes are proportional to a Dirichlet(alpha) draw."""
-
-    scheme: Literal["quantity_skew"] = Field(description="selects this partition scheme")
-    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration of the client sizes; small = a few "
-                         "large clients and many small ones")
-    min_samples: int = Field(4, ge=1, description=_MIN_SAMPLES)
-
-
-class ByColumnPartition(_Strict):
-    """Natural non-IID: each client draws its examples from `values_per_client` values of a column (an
-    operator, an instruction category, a domain); clients sharing a value split its examples."""
-
-    scheme: Literal["by_column"] = Field(description="selects this partition scheme")
-    column: str = Field(description="the data column whose values define the groups (e.g. `operator` for "
-                        "synthetic:arith, a category column of a JSONL file)")
-    values_per_client: int = Field(1, ge=1, description="how many of the column's values each client draws from")
-    min_samples: int = Field(4, ge=1, description=_MIN_SAMPLES)
-
-
-PartitionConfig = Annotated[
-    Union[IIDPartition, DirichletPartition, ShardsPartition, QuantitySkewPartition, ByColumnPartition],
-    Field(discriminator="scheme"),
-]
-
-
-class LabelNoiseConfig(_Strict):
-    """Label noise for data-quality experiments (raysim.data.noise): a seeded `fraction_clients` of the
-    clients get each TRAIN label flipped to a uniformly random other class with probability `flip_prob`;
-    the global and local test splits keep their true labels."""
-
-    fraction_clients: float = Field(0.0, ge=0, le=1, description="share of clients with noisy labels (0-1)")
-    flip_prob: float = Field(0.0, ge=0, le=1, description="probability that a training label of a noisy client "
-                             "is flipped (0-1)")
-
-
-class DataConfig(_Strict):
-    """Where the examples come from and how they are split into test sets and clients."""
-
-    source: str = Field("embedded:bbc-news", description="`embedded:bbc-news` (bundled news topics), "
-                        "`synthetic:text-cls` (generated, see data.synthetic), `parquet:PATH`, `csv:PATH`, "
-                        "`jsonl:PATH` or `hf-disk:PATH` (a `datasets.save_to_disk` folder)")
-    text_column: str = Field("text", description="column holding the text (file and hf-disk sources)")
-    label_column: str = Field("label", description="column holding the class label (file and hf-disk sources); "
-                              "any values, mapped to 0..C-1")
-    prompt_column: str | None = Field(None, description="causal_lm: column holding the prompt (instruction); "
-                                      "with response_column the loss covers the response tokens only; null: "
-                                      "plain language modelling on text_column")
-    response_column: str | None = Field(None, description="causal_lm: column holding the response the model "
-                                        "learns to generate")
-    chat_template: Literal["auto", "none"] = Field("auto", description="causal_lm: `auto` wraps prompt and "
-                                                   "response in the tokenizer's chat template when it has one; "
-                                                   "`none` concatenates them as they are")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of the examples held out as the global "
-                                 "test split (0-1, exclusive)")
-    local_test_fraction: float = Field(0.2, ge=0, lt=1, description="share of each client's examples kept "
-                                       "as its local test split for personalised evaluation (0 = none)")
-    max_examples: int | None = Field(None, ge=2, description="use at most this many examples, sampled "
-                                     "stratified by label (null = all)")
-    partition: PartitionConfig = Field(default_factory=lambda: DirichletPartition(scheme="dirichlet"),
-                                       description="how training examples are split across clients; one of "
-                                       "the schemes below, selected by `scheme`")
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="settings of the "
-                                       "`synthetic:text-cls` source (ignored by other sources)")
-    arith: ArithConfig = Field(default_factory=ArithConfig, description="settings of the `synthetic:arith` "
-                               "source (ignored by other sources)")
-    label_noise: LabelNoiseConfig | None = Field(None, description="noisy training labels on some clients "
-                                                 "(null = clean data)")
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, v: str) -> str:
-        kinds = ("embedded:bbc-news", "synthetic:text-cls", "synthetic:arith")
-        prefixes = ("parquet:", "csv:", "jsonl:", "hf-disk:")
-        if v in kinds or (v.startswith(prefixes) and len(v.split(":", 1)[1]) > 0):
-            return v
-        raise ValueError(f"unknown data source {v!r}; allowed: embedded:bbc-news, synthetic:text-cls, "
-                         "synthetic:arith, parquet:PATH, csv:PATH, jsonl:PATH, hf-disk:PATH")
+    type: Literal["seq_cls", "regression", "causal_lm", "image_cls"] = Field(
+        "seq_cls", description="`seq_cls`: an encoder with a classification head, single texts or sentence pairs "
+        "(accuracy, loss, macro_f1, mcc); `regression`: the same encoder with one output trained with MSE, "
+        "STS-B style (loss, pearson, spearman); `causal_lm`: a decoder LLM trained on prompt/response pairs or "
+        "plain text (loss, perplexity, exact_match of greedy generations); `image_cls`: a vision transformer "
+        "or MLP-Mixer with a classification head (accuracy, loss, macro_f1)")
 
 
 # ----------------------------------------------------------------------------- federation & training
@@ -382,8 +252,12 @@ class EvalConfig(_Strict):
     match: Literal["exact", "number"] = Field("exact", description="causal_lm: `exact` compares the stripped "
                                               "generation with the response; `number` compares the last "
                                               "number in each (GSM8K-style)")
-    group_by: str | None = Field(None, description="a data column (e.g. `operator`, a category); every "
-                                 "evaluation also writes per-value metrics to groups.parquet")
+    group_by: str | None = Field(None, description="a data column (e.g. `operator`, a category, `domain`); "
+                                 "every evaluation also writes per-value metrics to groups.parquet")
+    metrics: list[Literal["accuracy", "macro_f1", "mcc", "pearson", "spearman"]] | None = Field(
+        None, description="extra metrics logged as rounds.parquet columns (loss always); null: the task's "
+        "defaults (seq_cls: accuracy, macro_f1, mcc; regression: pearson, spearman; image_cls: accuracy, "
+        "macro_f1)")
 
 
 class FaultsConfig(_Strict):

@@ -167,7 +167,7 @@ def test_unknown_names_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="local Hugging Face model directory"):
         check_model_name(str(tmp_path / "missing"), 64, task="causal_lm")
     with pytest.raises(ValueError, match="task.type: unknown task"):
-        check_model_name("random:llama-tiny", 64, task="image_cls")
+        check_model_name("random:llama-tiny", 64, task="token_cls")
 
 
 def test_causal_model_from_a_local_directory(tmp_path):
@@ -184,3 +184,60 @@ def test_causal_model_from_a_local_directory(tmp_path):
 def test_random_decoder_table_covers_the_families_with_defaults():
     for spec in RANDOM_DECODERS.values():
         assert spec["model_type"] in DEFAULT_TARGETS and spec["model_type"] in DEFAULT_SAVED
+
+
+# ----------------------------------------------------------------------------------------- image models
+
+
+@pytest.mark.parametrize("name", ["random:vit-tiny", "random:mixer-tiny"])
+def test_random_image_models_pass_for_images_and_fail_for_text(name):
+    check_model_name(name, 128, task="image_cls")
+    for task, need in (("seq_cls", "needs an encoder"), ("causal_lm", "needs a decoder")):
+        with pytest.raises(ValueError, match=f"is an image classifier; task.type {task} {need}"):
+            check_model_name(name, 128, task=task)
+
+
+@pytest.mark.parametrize("name", ["random:bert-tiny", "random:llama-tiny", "embedded:minilm-l6"])
+def test_text_models_fail_for_images(name):
+    with pytest.raises(ValueError, match="task.type image_cls needs an image classifier"):
+        check_model_name(name, 64, task="image_cls")
+
+
+def test_image_directories_are_told_apart_from_text_ones(tmp_path):
+    vit = _write_config(tmp_path, model_type="vit", architectures=["ViTForImageClassification"], image_size=32,
+                        num_channels=3)
+    check_model_name(vit, 128, task="image_cls")
+    with pytest.raises(ValueError, match="is an image classifier .*task.type seq_cls"):
+        check_model_name(vit, 128)
+
+
+def test_image_spec_and_architecture_of_image_models(tmp_path):
+    from raysim.models import image_spec
+
+    assert image_spec("random:vit-tiny") == {"image_size": 8, "num_channels": 1, "mean": None, "std": None}
+    assert (architecture("random:vit-tiny"), architecture("random:mixer-tiny")) == ("vit", "mixer")
+    assert hidden_size("random:vit-tiny") == 64 and vocab_size("random:mixer-tiny") is None
+    path = _write_config(tmp_path, model_type="vit", image_size=[32, 32], num_channels=3)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.2] * 3}))
+    assert image_spec(path) == {"image_size": 32, "num_channels": 3, "mean": [0.5] * 3, "std": [0.2] * 3}
+
+
+def test_vit_default_targets_exist_in_the_installed_transformers():
+    model = build_base_model("random:vit-tiny", 10, 0, task="image_cls")
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(DEFAULT_TARGETS["vit"]) <= names and "classifier" in names
+    mixer = build_base_model("random:mixer-tiny", 10, 0, task="image_cls")
+    adapted = [n for n, m in mixer.named_modules() if n.endswith(tuple(DEFAULT_TARGETS["mixer"]))]
+    assert len(adapted) == 8                   # 2 blocks × (token MLP, channel MLP) × (fc1, fc2)
+
+
+def test_local_vit_directory_builds_with_a_new_head(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                        num_labels=3)).save_pretrained(tmp_path)
+    check_model_name(str(tmp_path), 128, task="image_cls")
+    model = build_base_model(str(tmp_path), 5, 0, task="image_cls")
+    assert model.classifier.out_features == 5
+    assert model(pixel_values=torch.randn(2, 1, 8, 8)).logits.shape == (2, 5)

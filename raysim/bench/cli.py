@@ -74,7 +74,9 @@ def add_cli(subparsers, add_common) -> None:
     p = subparsers.add_parser("bench", help="throughput of the training engines (client-steps/s), JSON + table")
     p.add_argument("--workload", choices=sorted(WORKLOADS) + ["scale-10k", "aggregators"],
                    default="tiny", help="tiny (CPU: random bert-tiny, 100 synthetic clients, 10 per round), "
+                   "causal-tiny (CPU: random llama-tiny on synthetic arithmetic, the same federation), "
                    "minilm, bert-base (GPU: random MiniLM-L6 / BERT-base shapes, 256 clients, 128 per round); "
+                   "llama-1b (GPU: Llama-3.2-1B shapes, bf16, 256 tokens, LoRA r=16 on q/k/v/o); "
                    "scale-10k: 10,000 clients, 100 per round, peak RSS of driver and coordinator; aggregators: "
                    "server seconds per round of every aggregator for 100 clients of a BERT-base adapter "
                    "(r=16, q/v, 12 layers)")

@@ -12,20 +12,22 @@ class Bench:
     def __init__(self, cfg, device, no_dropout: bool = False):
         import torch
 
-        from raysim.models import tokenize_for_model
         from raysim.engines.peft_engine import DataArrays
         from raysim.lora.peft_io import get_factors, get_head, wrap_lora
-        from raysim.models import build_base_model, target_modules
+        from raysim.models import build_base_model, modules_to_save, target_modules
         from raysim.runner import prepare_data
+        from raysim.tasks import task_for
 
         self.cfg = cfg
         self.device = device
+        self.task = task_for(cfg)
         raw, partition = prepare_data(cfg)
-        self.arrays = tokenize_for_model(raw, cfg)
+        self.arrays = self.task.arrays(raw)
         self.client_train = partition["client_train"]
-        model = build_base_model(cfg.model.name, int(raw.num_labels), cfg.seed)
-        self.model = wrap_lora(model, cfg.lora.max_rank(), cfg.lora.alpha, target_modules(cfg),
-                               cfg.lora.dropout, cfg.seed).to(device)
+        model = build_base_model(cfg.model.name, int(raw.num_labels), cfg.seed, task=self.task.name)
+        self.model = wrap_lora(model, cfg.lora.max_rank(), cfg.lora.alpha, target_modules(cfg), cfg.lora.dropout,
+                               cfg.seed, task_type=self.task.peft_task_type,
+                               modules_to_save=modules_to_save(cfg)).to(device)
         if no_dropout:                   # every dropout of the base (hidden, attention, classifier) off
             for module in self.model.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -71,7 +73,7 @@ def timed(fn, work_per_call: int, min_time_s: float, min_calls: int = 1) -> floa
 def measure_peft(b: Bench, n_clients: int, min_time_s: float) -> float:
     from raysim.engines.peft_engine import PeftEngine
 
-    engine = PeftEngine(b.model, b.data, b.settings())
+    engine = PeftEngine(b.model, b.data, b.settings(), b.task)
     jobs = b.jobs(n_clients)
 
     def run():
@@ -86,7 +88,7 @@ def measure_cohort(b: Bench, k: int, n_clients: int, min_time_s: float) -> float
     """Whole cohorts of K only: the clients rounded down to a multiple of K, at least one cohort."""
     from raysim.engines.cohort import CohortEngine
 
-    engine = CohortEngine(b.model, b.data, b.settings())
+    engine = CohortEngine(b.model, b.data, b.settings(), task=b.task)
     jobs = b.jobs(max(k, n_clients - n_clients % k))
 
     def run():
@@ -108,7 +110,6 @@ def measure_floor(b: Bench, n_clients: int, min_time_s: float) -> float:
     model = b.model
     params = _trainable_parameters(model)
     jobs = b.jobs(n_clients)
-    ids, mask, labels = (_tensor(b.arrays[k], b.device) for k in ("input_ids", "attention_mask", "labels"))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if b.bf16 else contextlib.nullcontext
     schedules = [_schedule(b, job) for job in jobs]
     t = b.cfg.train
@@ -120,9 +121,9 @@ def measure_floor(b: Bench, n_clients: int, min_time_s: float) -> float:
             set_head(model, job.head)
             opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
             torch.manual_seed(job.seed)
-            for idx in sched:
+            for batch in sched:
                 with autocast():
-                    loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
+                    loss = model(**batch).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -143,20 +144,9 @@ def _trainable_parameters(model) -> list:
     return params
 
 
-def _tensor(values, device):
-    import numpy as np
-    import torch
-
-    out = torch.from_numpy(np.asarray(values, dtype=np.int64))
-    return out.to(device) if device.type == "cuda" else out
-
-
 def _schedule(b: Bench, job) -> list:
-    """The job's mini-batches as index tensors on the bench's device (the engines' own schedule)."""
-    import numpy as np
-    import torch
-
+    """The job's mini-batches (the engines' own schedule), built and moved to the device ahead of time."""
     from raysim.engines.base import batch_schedule
 
     batches = batch_schedule(job.train_idx, job.steps, b.cfg.train.batch_size, job.seed)
-    return [torch.from_numpy(np.asarray(i, dtype=np.int64)).to(b.device) for i in batches]
+    return [b.task.batch(b.data, idx) for idx in batches]

@@ -13,6 +13,8 @@
 - ``quantity_skew``: client sizes ~ Dir(alpha) · N (each at least ``min_samples``), labels IID.
 - ``by_column``: natural non-IID by a data column (see `by_column`): each client draws from
   ``values_per_client`` values of the column.
+- ``groups``: label groups (CE-LoRA's setting, see `label_groups`): client k belongs to group
+  ``k mod G`` and draws only examples whose label is in its group.
 
 Every client receives at least ``min_samples`` indices; the result is fully determined by ``seed``.
 """
@@ -28,42 +30,40 @@ from raysim.config import (
     QuantitySkewPartition,
     ShardsPartition,
 )
-from raysim.schema import ByColumnPartition
+from raysim.schema import ByColumnPartition, GroupsPartition
 
 DIRICHLET_MAX_TRIES = 100
 
 
 def partition(labels: np.ndarray, num_clients: int, cfg, seed: int,
-              columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+              columns: dict[str, np.ndarray] | None = None, num_labels: int | None = None) -> list[np.ndarray]:
     """Partition ``labels`` (shape (N,), ints) across ``num_clients`` clients.
 
     Args:
         labels: (N,) integer class labels of the training pool.
         num_clients: number of clients K (>= 1).
         cfg: one of the partition configs (``IIDPartition``, ``DirichletPartition``,
-            ``ShardsPartition``, ``QuantitySkewPartition``, ``ByColumnPartition``).
+            ``ShardsPartition``, ``QuantitySkewPartition``, ``ByColumnPartition``, ``GroupsPartition``).
         seed: seed of ``np.random.default_rng``.
         columns: the pool's other columns, name -> (N,) values (``by_column`` reads ``cfg.column``).
+        num_labels: size of the label space (``groups`` refuses labels outside it); default
+            ``max(labels) + 1``.
 
     Returns:
         K sorted int64 arrays of indices into ``labels``; they are disjoint and each holds at least
         ``cfg.min_samples`` indices. They cover ``range(N)``, except with ``by_column`` when some
-        values of the column are drawn by no client (fewer client slots than values).
+        values of the column are drawn by no client (fewer client slots than values) and with
+        ``groups`` (labels in no group, groups without clients).
 
     Raises:
-        ConfigError: if ``num_clients * min_samples`` exceeds N, or a ``by_column`` problem
-            (unknown column, too many values per client, a client below ``min_samples``).
+        ConfigError: if ``num_clients * min_samples`` exceeds N, a ``by_column`` problem (unknown
+            column, too many values per client) or ``groups`` problem (a label in two groups or
+            outside the label space), or a ``by_column``/``groups`` client below ``min_samples``.
     """
     labels = np.asarray(labels)
-    n = len(labels)
-    if num_clients < 1:
-        raise ConfigError(f"federation.num_clients must be >= 1 (got {num_clients})")
-    min_samples = cfg.min_samples
-    if num_clients * min_samples > n:
-        raise ConfigError(
-            f"federation.num_clients: {num_clients} clients × min_samples {min_samples} needs "
-            f"{num_clients * min_samples} samples but the training pool has only {n}; use fewer clients, "
-            f"a smaller data.partition.min_samples, a smaller data.test_fraction or more data")
+    n, min_samples = len(labels), cfg.min_samples
+    num_labels = int(labels.max(initial=-1)) + 1 if num_labels is None else int(num_labels)
+    _check_sizes(labels, num_clients, cfg, num_labels)
     rng = np.random.default_rng(seed)
 
     if isinstance(cfg, IIDPartition):
@@ -77,12 +77,29 @@ def partition(labels: np.ndarray, num_clients: int, cfg, seed: int,
     elif isinstance(cfg, ByColumnPartition):
         return by_column(_column(columns or {}, cfg.column, n), num_clients, cfg.values_per_client,
                          min_samples, rng)
+    elif isinstance(cfg, GroupsPartition):
+        return label_groups(labels, num_clients, cfg.groups, num_labels, min_samples, rng)
     else:
         raise ConfigError(f"data.partition.scheme: unknown partition config {cfg!r}; "
-                          "allowed: iid, dirichlet, shards, quantity_skew, by_column")
+                          "allowed: iid, dirichlet, shards, quantity_skew, by_column, groups")
 
     parts = _ensure_min_samples([np.asarray(p, dtype=np.int64) for p in parts], min_samples, rng)
     return [np.sort(p).astype(np.int64) for p in parts]
+
+
+def _check_sizes(labels: np.ndarray, num_clients: int, cfg, num_labels: int) -> None:
+    """ConfigErrors for a partition that cannot work: no clients, a wrong label in `groups` (reported before
+    any size problem), or fewer examples than num_clients × min_samples."""
+    if num_clients < 1:
+        raise ConfigError(f"federation.num_clients must be >= 1 (got {num_clients})")
+    if isinstance(cfg, GroupsPartition):
+        check_groups(cfg.groups, num_labels)
+    need, n = num_clients * cfg.min_samples, len(labels)
+    if need > n:
+        raise ConfigError(
+            f"federation.num_clients: {num_clients} clients × min_samples {cfg.min_samples} needs "
+            f"{need} samples but the training pool has only {n}; use fewer clients, "
+            f"a smaller data.partition.min_samples, a smaller data.test_fraction or more data")
 
 
 def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -275,3 +292,65 @@ def _check_min_samples(parts: list[np.ndarray], holders: list[list[int]], uniq: 
         f"data.partition.min_samples: client {short} gets only {sizes[short]} training examples (its "
         f"column values: {', '.join(mine)}) but min_samples is {min_samples}; "
         "use fewer clients, more values_per_client, a smaller data.partition.min_samples or more data")
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def label_groups(labels: np.ndarray, num_clients: int, groups: list[list[int]], num_labels: int,
+                 min_samples: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Each client draws only from one group's labels.
+
+    Client k belongs to group ``k mod G`` (so group sizes differ by at most one client). The examples
+    whose label is in a group are shuffled and split evenly among the group's clients (IID within the
+    group). Examples whose label is in no group, and the examples of groups without clients (fewer
+    clients than groups), are used by nobody.
+
+    Args:
+        labels: (N,) integer labels of the training pool.
+        num_clients, min_samples: as in the config.
+        groups: ``data.partition.groups``, label ids per group.
+        num_labels: size of the label space; every listed label must be below it.
+        rng: the partition's random generator.
+
+    Returns:
+        num_clients sorted int64 index arrays, disjoint.
+
+    Raises:
+        ConfigError: a label in two groups, a label outside 0..num_labels-1, or a client below
+            ``min_samples``.
+    """
+    check_groups(groups, num_labels)
+    members = [rng.permutation(np.flatnonzero(np.isin(labels, group))) for group in groups]
+    holders = [list(range(g, num_clients, len(groups))) for g in range(len(groups))]
+    parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * num_clients
+    for idx, clients in zip(members, holders):
+        for client, chunk in zip(clients, np.array_split(idx, max(1, len(clients)))):
+            parts[client] = np.sort(chunk).astype(np.int64)
+    sizes = np.array([len(p) for p in parts])
+    short = int(np.argmin(sizes))
+    if sizes[short] < min_samples:
+        group = short % len(groups)
+        raise ConfigError(
+            f"data.partition.min_samples: client {short} (group {group}, labels {groups[group]}) gets only "
+            f"{sizes[short]} training examples but min_samples is {min_samples}; its group's "
+            f"{len(members[group])} examples are shared by {len(holders[group])} clients; use fewer clients, "
+            "larger groups, a smaller data.partition.min_samples or more data")
+    return parts
+
+
+def check_groups(groups: list[list[int]], num_labels: int) -> None:
+    """ConfigError naming ``data.partition.groups`` for a label listed twice or outside 0..num_labels-1."""
+    seen: dict[int, int] = {}
+    for g, group in enumerate(groups):
+        for label in group:
+            if not 0 <= label < num_labels:
+                raise ConfigError(f"data.partition.groups: label {label} (group {g}) is not a label of the data; "
+                                  f"labels are 0..{num_labels - 1}")
+            if label in seen:
+                where = f"groups {seen[label]} and {g}" if seen[label] != g else f"group {g} twice"
+                raise ConfigError(f"data.partition.groups: label {label} is in {where}; every label may be in "
+                                  "at most one group")
+            seen[label] = g
+    if not seen:
+        raise ConfigError("data.partition.groups: every group is empty; list label ids, e.g. [[0, 1], [2, 3]]")

@@ -9,6 +9,7 @@ import numpy as np
 
 PAD_ID, CLS_ID, SEP_ID, UNK_ID = 0, 1, 2, 3      # special token ids of the synthetic and hashing vocabularies
 NUM_SPECIAL_TOKENS = 4
+KEY_TOKENS_PER_CLASS = 8                         # synthetic sources: key tokens that signal one class
 
 
 @dataclass
@@ -25,6 +26,11 @@ class RawData:
         prompts: N prompts (causal data; empty strings for plain language modelling), else None.
         responses: N responses the model learns to generate (causal data), else None.
         columns: other per-example columns, name -> (N,) numpy array of str (e.g. ``operator``).
+        text_pairs: N second sentences of sentence pairs (``data.text_pair_column``), else None.
+        targets: (N,) float32 regression targets (``task.type: regression``), else None; ``labels`` then
+            holds score bins, so stratified splits and label-skew partitions still work.
+        images: (N, C, H, W) float32 images, decoded, intensities in [0, 1] (image sources), else None;
+            the image task resizes and normalises them for its model.
     """
 
     labels: np.ndarray
@@ -34,6 +40,9 @@ class RawData:
     prompts: list[str] | None = None
     responses: list[str] | None = None
     columns: dict[str, np.ndarray] = field(default_factory=dict)
+    text_pairs: list[str] | None = None
+    targets: np.ndarray | None = None
+    images: np.ndarray | None = None
 
     @property
     def num_labels(self) -> int:
@@ -57,6 +66,9 @@ class RawData:
             prompts=pick(self.prompts),
             responses=pick(self.responses),
             columns={name: values[idx] for name, values in self.columns.items()},
+            text_pairs=pick(self.text_pairs),
+            targets=None if self.targets is None else self.targets[idx],
+            images=None if self.images is None else self.images[idx],
         )
 
 

@@ -26,12 +26,11 @@ import numpy as np
 
 from raysim.config import ConfigError, DataConfig, SyntheticConfig
 from raysim.data.partition import stratified_sample
-from raysim.data.raw import (CLS_ID, NUM_SPECIAL_TOKENS, PAD_ID, SEP_ID, UNK_ID,  # noqa: F401
-                             RawData, encode_labels)
+from raysim.data.raw import (CLS_ID, KEY_TOKENS_PER_CLASS, NUM_SPECIAL_TOKENS, PAD_ID, SEP_ID,  # noqa: F401
+                             UNK_ID, RawData, encode_labels)
 from raysim.seeds import SYNTHETIC
 
 # special token ids shared by the synthetic source and `HashingTokenizer`
-KEY_TOKENS_PER_CLASS = 8
 
 
 def load_source(data: DataConfig, seed: int, task: str = "seq_cls") -> RawData:
@@ -53,7 +52,7 @@ def load_source(data: DataConfig, seed: int, task: str = "seq_cls") -> RawData:
     if not causal and (data.prompt_column is not None or data.response_column is not None):
         key = "data.prompt_column" if data.prompt_column is not None else "data.response_column"
         raise ConfigError(f"{key}: prompt/response columns are for task.type: causal_lm (task.type is {task})")
-    raw = _load(data, seed, causal)
+    raw = _load(data, seed, task)
     if causal and raw.prompts is None:
         raw = _as_language_modelling(raw, data.source)
     if data.max_examples is not None and data.max_examples < len(raw):
@@ -62,8 +61,16 @@ def load_source(data: DataConfig, seed: int, task: str = "seq_cls") -> RawData:
     return raw
 
 
-def _load(data: DataConfig, seed: int, causal: bool) -> RawData:
-    source = data.source
+def _load(data: DataConfig, seed: int, task: str) -> RawData:
+    source, causal = data.source, task == "causal_lm"
+    if task == "image_cls" or source == "embedded:digits" or source.startswith("image-folder:"):
+        from raysim.data.images import load_images      # every image source, and errors for text ones
+
+        return load_images(data, seed, task)
+    if source in ("synthetic:text-pair", "synthetic:regression"):
+        from raysim.data.pairs import make_pairs
+
+        return make_pairs(source, data.synthetic, seed, task)
     if source == "embedded:bbc-news":
         return load_bbc_news()
     if source == "synthetic:text-cls":
@@ -78,11 +85,11 @@ def _load(data: DataConfig, seed: int, causal: bool) -> RawData:
     kind, _, path_str = source.partition(":")
     if kind not in ("parquet", "csv", "jsonl", "hf-disk") or not path_str:
         raise ConfigError(f"data.source: unknown data source {source!r}; allowed: embedded:bbc-news, "
-                          "synthetic:text-cls, synthetic:arith, parquet:PATH, csv:PATH, jsonl:PATH, "
-                          "hf-disk:PATH")
+                          "embedded:digits, synthetic:text-cls, synthetic:text-pair, synthetic:regression, "
+                          "synthetic:arith, parquet:PATH, csv:PATH, jsonl:PATH, hf-disk:PATH, image-folder:DIR")
     from raysim.data.tables import load_table
 
-    return load_table(kind, path_str, data, causal)
+    return load_table(kind, path_str, data, causal, regression=task == "regression")
 
 
 def _as_language_modelling(raw: RawData, source: str) -> RawData:

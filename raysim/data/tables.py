@@ -1,6 +1,10 @@
 """Read ``parquet:``, ``csv:``, ``jsonl:`` and ``hf-disk:`` sources into RawData.
 
-- Classification: ``data.text_column`` and ``data.label_column`` (at least 2 distinct labels).
+- Classification: ``data.text_column`` and ``data.label_column`` (at least 2 distinct labels), and
+  ``data.text_pair_column`` (the second sentence of a pair) when it is set.
+- ``task.type: regression``: the same columns, but ``data.label_column`` must hold numbers (at least
+  2 distinct); they become float32 ``targets``, and ``labels`` are ``REGRESSION_BINS`` quantile bins
+  of them (fewer when there are fewer distinct values), for stratified splits and label partitions.
 - ``task.type: causal_lm``: ``data.prompt_column`` + ``data.response_column`` (instruction data), or
   ``data.text_column`` alone (plain language modelling: empty prompts, the text as the response).
   ``data.label_column`` is optional: when the file has it, it groups the examples (stratified test
@@ -26,10 +30,13 @@ from raysim.data.raw import RawData, encode_labels
 
 _SCALARS = (str, int, float, bool, np.generic)
 MAX_COLUMN_CHARS = 256
+REGRESSION_BINS = 5
 
 
-def load_table(kind: str, path_str: str, data: DataConfig, causal: bool) -> RawData:
-    """Read one table (``kind`` in parquet, csv, jsonl, hf-disk) as classification or causal data."""
+def load_table(kind: str, path_str: str, data: DataConfig, causal: bool = False, *,
+               regression: bool = False) -> RawData:
+    """Read one table (``kind`` in parquet, csv, jsonl, hf-disk) as classification, regression
+    (``regression=True``: numeric targets) or causal data."""
     path = Path(path_str).expanduser()
     if not path.is_absolute():
         path = Path.cwd() / path
@@ -37,16 +44,23 @@ def load_table(kind: str, path_str: str, data: DataConfig, causal: bool) -> RawD
         raise ConfigError(f"data.source: file not found: {path}")
     columns, get_column = open_table(kind, path)
     if causal:
+        if data.text_pair_column is not None:
+            raise ConfigError("data.text_pair_column: sentence pairs are for task.type seq_cls or regression "
+                              "(task.type is causal_lm)")
         return _causal_table(path, columns, get_column, data)
-    return _classification_table(path, columns, get_column, data.text_column, data.label_column)
+    return _classification_table(path, columns, get_column, data, regression)
 
 
-def _classification_table(path: Path, columns: list[str], get_column: Callable, text_column: str,
-                          label_column: str) -> RawData:
-    for key, col in (("data.text_column", text_column), ("data.label_column", label_column)):
+def _classification_table(path: Path, columns: list[str], get_column: Callable, data: DataConfig,
+                          regression: bool) -> RawData:
+    wanted = [("data.text_column", data.text_column), ("data.label_column", data.label_column)]
+    if data.text_pair_column is not None:
+        wanted.append(("data.text_pair_column", data.text_pair_column))
+    for key, col in wanted:
         if col not in columns:
             raise ConfigError(f"{key}: column {col!r} not in {path}; columns: {', '.join(map(str, columns))}")
 
+    label_column = data.label_column
     raw_labels = list(get_column(label_column))
     if not raw_labels:
         raise ConfigError(f"data.source: {path} has no rows")
@@ -54,13 +68,49 @@ def _classification_table(path: Path, columns: list[str], get_column: Callable, 
     if missing:
         raise ConfigError(f"data.label_column: column {label_column!r} in {path} has {missing} "
                           "missing values")
-    labels, label_names = encode_labels(raw_labels)
-    if len(label_names) < 2:
-        raise ConfigError(f"data.label_column: column {label_column!r} in {path} has only "
-                          f"{len(label_names)} distinct label ({label_names[0]!r}); need at least 2")
-    texts = _strings(get_column(text_column))
-    extra = scalar_columns(columns, get_column, exclude={text_column, label_column})
-    return RawData(labels=labels, label_names=label_names, texts=texts, columns=extra)
+    targets = None
+    if regression:
+        targets = numeric_targets(raw_labels, f"column {label_column!r} in {path}")
+        labels, label_names = quantile_bins(targets, REGRESSION_BINS)
+    else:
+        labels, label_names = encode_labels(raw_labels)
+        if len(label_names) < 2:
+            raise ConfigError(f"data.label_column: column {label_column!r} in {path} has only "
+                              f"{len(label_names)} distinct label ({label_names[0]!r}); need at least 2")
+    texts = _strings(get_column(data.text_column))
+    pairs = None if data.text_pair_column is None else _strings(get_column(data.text_pair_column))
+    extra = scalar_columns(columns, get_column, exclude={col for _, col in wanted})
+    return RawData(labels=labels, label_names=label_names, texts=texts, columns=extra, text_pairs=pairs,
+                   targets=targets)
+
+
+def numeric_targets(values: list[Any], where: str) -> np.ndarray:
+    """(N,) float32 regression targets; ConfigError naming ``data.label_column`` for values that are
+    not finite numbers (booleans and strings included) or fewer than 2 distinct values."""
+    bad = next((v for v in values if isinstance(v, (bool, np.bool_))
+                or not isinstance(v, (int, float, np.integer, np.floating))), None)
+    if bad is not None:
+        raise ConfigError(f"data.label_column: task.type regression needs numeric scores, but {where} holds "
+                          f"{type(bad).__name__} values such as {bad!r}")
+    targets = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(targets)):
+        raise ConfigError(f"data.label_column: {where} holds non-finite scores (inf)")
+    if len(np.unique(targets)) < 2:
+        raise ConfigError(f"data.label_column: {where} holds a single score ({targets[0]:g}); regression "
+                          "needs at least 2 distinct values")
+    return targets.astype(np.float32)
+
+
+def quantile_bins(targets: np.ndarray, num_bins: int) -> tuple[np.ndarray, list[str]]:
+    """((N,) int64 ids of up to ``num_bins`` quantile bins of ``targets``, bin names "lo..hi").
+
+    Bin edges are the inner quantiles; repeated edges (many equal scores) merge bins, and only
+    non-empty bins are kept, numbered in order of their scores.
+    """
+    edges = np.unique(np.quantile(targets, np.linspace(0, 1, num_bins + 1)[1:-1]))
+    uniq, ids = np.unique(np.searchsorted(edges, targets, side="right"), return_inverse=True)
+    names = [f"{targets[ids == i].min():g}..{targets[ids == i].max():g}" for i in range(len(uniq))]
+    return ids.astype(np.int64), names
 
 
 def _causal_table(path: Path, columns: list[str], get_column: Callable, data: DataConfig) -> RawData:

@@ -3,7 +3,12 @@
 - Text data goes through a tokenizer: a Hugging Face fast tokenizer (padding to ``max_length``,
   truncation) or `HashingTokenizer` (word-level hashing, for ``random:*`` models that have no
   vocabulary). With ``cache_dir`` the result is stored as ``.npz`` keyed by the tokenizer, the
-  length and the texts, and reused on the next call.
+  length, the texts and the second sentences, and reused on the next call.
+- Sentence pairs (``RawData.text_pairs``, from ``data.text_pair_column``) use the tokenizer's pair
+  encoding: ``[CLS] a [SEP] b [SEP]`` with the longer sentence truncated first. No
+  ``token_type_ids`` are produced: every token gets segment 0 (the model's default), and the
+  ``[SEP]`` between the sentences is what marks the boundary. This keeps the batch layout (ids,
+  mask, labels) the same for every text task and engine.
 - Synthetic data is already tokenized; it is only padded or truncated to ``max_length``.
 
 `ByteTokenizer` is the decodable byte-level tokenizer of the random decoders (``causal_lm``); the
@@ -65,18 +70,36 @@ class HashingTokenizer:
         """Token id of one lowercase word."""
         return NUM_SPECIAL_TOKENS + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - NUM_SPECIAL_TOKENS)
 
-    def __call__(self, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
-        """Encode ``texts`` to ``{"input_ids": (N, max_length) int32, "attention_mask": (N, max_length) int8}``."""
-        if max_length < 2:
-            raise ValueError(f"max_length must be >= 2 (got {max_length})")
+    def __call__(self, texts: list[str], max_length: int,
+                 pairs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Encode ``texts`` (with ``pairs``: the sentence pairs ``[CLS] a [SEP] b [SEP]``, the longer
+        sentence truncated first) to ``{"input_ids": (N, max_length) int32, "attention_mask": (N,
+        max_length) int8}``."""
+        specials = 2 if pairs is None else 3
+        if max_length < specials:
+            raise ValueError(f"max_length must be >= {specials} (got {max_length})")
         ids = np.full((len(texts), max_length), PAD_ID, dtype=np.int32)
         mask = np.zeros((len(texts), max_length), dtype=np.int8)
         for row, text in enumerate(texts):
-            words = _WORD.findall(text.lower())[: max_length - 2]
-            tokens = [CLS_ID, *(self.word_id(w) for w in words), SEP_ID]
+            first = [self.word_id(w) for w in _WORD.findall(text.lower())]
+            if pairs is None:
+                tokens = [CLS_ID, *first[: max_length - 2], SEP_ID]
+            else:
+                second = [self.word_id(w) for w in _WORD.findall(pairs[row].lower())]
+                keep_a, keep_b = pair_lengths(len(first), len(second), max_length - 3)
+                tokens = [CLS_ID, *first[:keep_a], SEP_ID, *second[:keep_b], SEP_ID]
             ids[row, : len(tokens)] = tokens
             mask[row, : len(tokens)] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+
+def pair_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """How many tokens of each sentence fit ``budget`` when the longer one is truncated first (as
+    Hugging Face's ``longest_first``): the shorter keeps all of its tokens up to half the budget."""
+    if len_a + len_b <= budget:
+        return len_a, len_b
+    keep_b = min(len_b, max(budget - len_a, budget // 2))
+    return budget - keep_b, keep_b
 
 
 class ByteTokenizer:
@@ -120,7 +143,8 @@ def tokenize(raw: RawData, tokenizer, max_length: int, cache_dir: Path | None = 
     """Tokenize ``raw`` to (N, max_length) arrays.
 
     Args:
-        raw: text data (``raw.texts``) or synthetic data (``raw.input_ids``).
+        raw: text data (``raw.texts``, with ``raw.text_pairs`` for sentence pairs) or synthetic data
+            (``raw.input_ids``).
         tokenizer: a Hugging Face tokenizer or a `HashingTokenizer`; ignored for synthetic data.
         max_length: tokens per example (truncation and padding).
         cache_dir: if given, text results are cached there as ``tok-<sha256>.npz``.
@@ -138,44 +162,56 @@ def tokenize(raw: RawData, tokenizer, max_length: int, cache_dir: Path | None = 
 
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"tok-{cache_key(tokenizer, max_length, raw.texts)}.npz"
+        key = cache_key(tokenizer, max_length, raw.texts, raw.text_pairs)
+        cache_file = Path(cache_dir) / f"tok-{key}.npz"
         cached = _read_cache(cache_file, len(raw.texts), max_length)
         if cached is not None:
             return TokenizedData(input_ids=cached[0], attention_mask=cached[1], labels=labels)
 
-    ids, mask = _encode_texts(raw.texts, tokenizer, max_length)
+    ids, mask = _encode_texts(raw.texts, tokenizer, max_length, raw.text_pairs)
     if cache_file is not None:
         _write_cache(cache_file, ids, mask)
     return TokenizedData(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def cache_key(tokenizer, max_length: int, texts: list[str]) -> str:
-    """sha256 hex of (tokenizer name_or_path, vocabulary size, max_length, all texts)."""
+def cache_key(tokenizer, max_length: int, texts: list[str], pairs: list[str] | None = None) -> str:
+    """sha256 hex of (tokenizer name_or_path, vocabulary size, max_length, all texts, all second
+    sentences of pairs when there are any)."""
     name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", 0)
     h = hashlib.sha256()
     h.update(f"{type(tokenizer).__name__}\0{name}\0{vocab}\0{max_length}\0{len(texts)}\0".encode())
-    for text in texts:
+    _hash_strings(h, texts)
+    if pairs is not None:
+        h.update(f"pairs\0{len(pairs)}\0".encode())
+        _hash_strings(h, pairs)
+    return h.hexdigest()
+
+
+def _hash_strings(h, strings: list[str]) -> None:
+    for text in strings:
         data = text.encode("utf-8", errors="surrogatepass")
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _encode_texts(texts: list[str], tokenizer, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run the tokenizer in batches: ((N, max_length) int32 ids, (N, max_length) int8 mask)."""
+def _encode_texts(texts: list[str], tokenizer, max_length: int,
+                  pairs: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run the tokenizer in batches (with ``pairs``: its pair encoding, ``longest_first``
+    truncation): ((N, max_length) int32 ids, (N, max_length) int8 mask)."""
     if isinstance(tokenizer, HashingTokenizer):
-        out = tokenizer(texts, max_length)
+        out = tokenizer(texts, max_length, pairs)
         return out["input_ids"], out["attention_mask"]
     ids = np.zeros((len(texts), max_length), dtype=np.int32)
     mask = np.zeros((len(texts), max_length), dtype=np.int8)
     for start in range(0, len(texts), BATCH_SIZE):
         batch = texts[start:start + BATCH_SIZE]
-        enc = tokenizer(batch, padding="max_length", truncation=True, max_length=max_length,
-                        return_tensors="np", return_attention_mask=True)
+        second = None if pairs is None else pairs[start:start + BATCH_SIZE]
+        enc = tokenizer(batch, second, padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="np", return_attention_mask=True, return_token_type_ids=False)
         ids[start:start + len(batch)] = enc["input_ids"]
         mask[start:start + len(batch)] = enc["attention_mask"]
     return ids, mask

@@ -87,6 +87,7 @@ class EvalResult:
     """
 
     sums: dict[str, float] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)   # per-example predictions, for macro_f1 etc.
 
     @staticmethod
     def zero() -> "EvalResult":
@@ -98,7 +99,9 @@ class EvalResult:
 
     def __add__(self, other: "EvalResult") -> "EvalResult":
         keys = set(self.sums) | set(other.sums)
-        return EvalResult({k: self.sums.get(k, 0) + other.sums.get(k, 0) for k in keys})
+        arrays = {k: np.concatenate([x for x in (self.arrays.get(k), other.arrays.get(k)) if x is not None])
+                  for k in set(self.arrays) | set(other.arrays)}
+        return EvalResult({k: self.sums.get(k, 0) + other.sums.get(k, 0) for k in keys}, arrays)
 
     @staticmethod
     def total(parts: list["EvalResult"]) -> "EvalResult":
@@ -117,7 +120,7 @@ class EvalResult:
 
     @property
     def loss(self) -> float | None:
-        """Mean loss per example (classification) or per response token (causal LM)."""
+        """Mean loss per example (classification, regression) or per response token (causal LM)."""
         return self._rate("nll_sum", "tokens") if "nll_sum" in self.sums else self._rate("loss_sum", "count")
 
     def by_group(self) -> dict[int, "EvalResult"]:
@@ -131,10 +134,15 @@ class EvalResult:
 
     def metrics(self) -> dict[str, float | None]:
         """accuracy, loss, perplexity = exp(token loss), exact_match; None where the task has no such metric."""
+        from raysim.tasks.metrics import from_predictions
+
         loss = self.loss
         perplexity = math.exp(min(loss, 700.0)) if loss is not None and "nll_sum" in self.sums else None
-        return {"accuracy": self.accuracy, "loss": loss, "perplexity": perplexity,
-                "exact_match": self._rate("exact", "generated")}
+        out = {"accuracy": self.accuracy, "loss": loss, "perplexity": perplexity,
+               "exact_match": self._rate("exact", "generated"), "macro_f1": None, "mcc": None,
+               "pearson": None, "spearman": None}
+        out.update(from_predictions(self.arrays))
+        return out
 
 
 @dataclass

@@ -35,9 +35,14 @@ class DataArrays:
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], device: torch.device):
-        self.input_ids = torch.from_numpy(np.asarray(arrays["input_ids"], dtype=np.int64))           # (N, L)
-        self.attention_mask = torch.from_numpy(np.asarray(arrays["attention_mask"], dtype=np.int64))  # (N, L)
-        self.labels = torch.from_numpy(np.asarray(arrays["labels"], dtype=np.int64))                  # (N,) | (N, L)
+        self.pixel_values = arrays.get("pixel_values")      # (N, C, H, W) float32 images (image_cls)
+        if self.pixel_values is None:
+            self.input_ids = torch.from_numpy(np.asarray(arrays["input_ids"], dtype=np.int64))           # (N, L)
+            self.attention_mask = torch.from_numpy(np.asarray(arrays["attention_mask"], dtype=np.int64))  # (N, L)
+        else:
+            self.pixel_values = torch.from_numpy(np.asarray(self.pixel_values, dtype=np.float32))
+        labels = np.asarray(arrays["labels"])
+        self.labels = torch.from_numpy(labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64))
         self.prompt_ids = arrays.get("prompt_ids")
         self.prompt_mask = arrays.get("prompt_mask")
         self.response_text = arrays.get("response_text")
@@ -45,13 +50,17 @@ class DataArrays:
         self.device = device
 
     def batch(self, idx: np.ndarray, keys=("input_ids", "attention_mask", "labels")) -> dict[str, torch.Tensor]:
-        """Rows `idx`, trimmed to the longest real sequence in the batch (padding is on the right)."""
+        """Rows `idx`: images, or token rows trimmed to the longest real sequence (padding is on the right).
+        Labels: class ids, float targets (regression) or token labels (causal LM)."""
         t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-        mask = self.attention_mask[t]
-        length = max(1, int(mask.sum(dim=1).max()))
-        out = {"input_ids": self.input_ids[t, :length], "attention_mask": mask[:, :length]}
         labels = self.labels[t]
-        out["labels"] = labels[:, :length] if labels.dim() == 2 else labels
+        if self.pixel_values is not None:
+            out = {"pixel_values": self.pixel_values[t], "labels": labels}
+        else:
+            mask = self.attention_mask[t]
+            length = max(1, int(mask.sum(dim=1).max()))
+            out = {"input_ids": self.input_ids[t, :length], "attention_mask": mask[:, :length],
+                   "labels": labels[:, :length] if labels.dim() == 2 else labels}
         return {k: out[k].to(self.device) for k in keys}
 
     def prompts(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

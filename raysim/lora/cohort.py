@@ -1,57 +1,43 @@
 """Stacked ("cohort") LoRA layers: K clients' adapters in one tensor, one frozen base for all of them.
 
 A cohort step feeds the concatenation of K clients' batches through the frozen base once. Every
-adapted `nn.Linear` is temporarily replaced by a `SegmentLoRALinear` that holds the K clients'
-factors stacked, A (K, r_max, n) and B (K, m, r_max), and adds client k's update only to client
-k's rows with batched matmuls:
+adapted layer (an `nn.Linear`, or GPT-2's `Conv1D`, whose weight is stored (in, out)) is temporarily
+replaced by a `SegmentLoRALinear` that holds the K clients' factors stacked, A (K, r_max, n) and
+B (K, m, r_max) in nn.Linear orientation (PEFT keeps its LoRA factors so for Conv1D too), and adds
+client k's update only to client k's rows with batched matmuls:
 
-    y[rows_k] = W0 x[rows_k] + s_k · (x[rows_k] A_kᵀ) B_kᵀ
+    y[rows_k] = base(x[rows_k]) + s_k · (x[rows_k] A_kᵀ) B_kᵀ
 
 Per-slot rank masks zero the surplus slots of clients with r_k < r_max, and s_k is a per-client,
-per-module scale. The classifier head (a Linear kept by PEFT in `modules_to_save`) becomes a
-`SegmentLinear` with one weight per client.
+per-module scale. Modules trained in full (PEFT's `modules_to_save`) get one copy per client: a
+Linear (the classifier head, a decoder's LM head) becomes a `SegmentLinear`, an `nn.Embedding` (a
+decoder's input embeddings) a `SegmentEmbedding` that looks every row up in its client's table.
+When a model ties its LM head to its input embeddings, both stacked modules hold the same stacked
+tensor, as the PEFT model holds one shared copy.
 
 Row layout. `CohortContext` describes the current concatenated batch: which stack slots are active
 (clients that finished their local steps have no rows), how many rows each has and each client's
-own real sequence length L_k (the batch is padded to L = max_k L_k; positions past L_k are masked
-keys, so they never influence client k's real positions). When all active clients have the same
-number of rows the layers reshape to (K, b·L, n) and use one `bmm`; otherwise every row gathers its
-client's factors (N, r, n) and the `bmm` runs per row. Either way each client's gradient only ever
-reaches its own slot.
+own real sequence length L_k (the batch is padded to L = max_k L_k on the right; positions past L_k
+are masked keys that come after the real ones, so neither bidirectional nor causal attention lets
+them influence client k's real positions, and their labels are ignored). Every row is its own
+sequence in the batch dimension, so a decoder's causal mask applies unchanged. When all active
+clients have the same number of rows the layers reshape to (K, b·L, n) and use one `bmm`; otherwise
+every row gathers its client's factors (N, r, n) and the `bmm` runs per row. Either way each
+client's gradient only ever reaches its own slot.
 
-Dropout (the choice both engines share). The frozen base runs in train mode with its dropout as
-configured, as the PEFT engine does. In a cohort the masks must not couple clients: a client's masks
-may depend on its own seed and data only, never on which other clients share its cohort or where
-its rows sit in the batch. So while the stacked layers are installed every dropout draws each
-client's mask from that client's own stream (`client_noise`):
-
-- every `nn.Dropout` module (embeddings, hidden states, classifier, LoRA dropout) is replaced by a
-  `SegmentDropout`;
-- attention-probability dropout, which SDPA would do inside its kernel, runs through
-  `cohort_attention`: the attention written out (scores, softmax, dropout, ·V) as one batched
-  computation, the probabilities' mask drawn per client.
-
-The streams: on CPU one `torch.Generator` per client seeded with the job seed, drawing over the
-client's own (b_k, L_k, ...) slice in forward order with the procedure of torch's CPU dropout; this
-reproduces the PEFT engine's masks exactly, so the two engines agree even with dropout on. On CUDA
-(with Triton) one counter-based Philox kernel per dropout call serves all clients: row n's numbers
-are keyed by (its client's seed, the call number) at offsets of the client's canonical layout, so
-the masks are independent per client and deterministic, but not the fused CUDA dropout's masks of
-the PEFT engine (statistically, not bitwise, equal). With all dropout probabilities 0 (or in eval
-mode) none of this happens and attention keeps its original fused implementation.
+Dropout: every mask is drawn from the client's own stream (`raysim.lora.cohort_dropout`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-COHORT_ATTN_PREFIX = "raysim_cohort+"
+from raysim.lora.cohort_dropout import _ACTIVE, COHORT_ATTN_PREFIX, SegmentDropout, _register_attention, _triton_ok
 
 
 @dataclass
@@ -111,193 +97,31 @@ class CohortContext:
             yield slot, start, count, length
             start += count
 
+    def row_slots(self) -> torch.Tensor:
+        """(N,) device: the stack slot of every row."""
+        pos = self.row_pos
+        if pos is None:
+            pos = torch.arange(len(self.slots), device=self.device).repeat_interleave(self.counts[0])
+        return pos if self.all_slots else self.slot_index[pos]
+
     def select(self, t: torch.Tensor) -> torch.Tensor:
         """Rows of a stacked (K, ...) tensor for the active slots, in row order."""
         return t if self.all_slots else t.index_select(0, self.slot_index)
 
 
-# ----------------------------------------------------------------------------------------- dropout
-
-
-class SegmentDropout(nn.Module):
-    """Dropout with one generator per client: client k's mask covers only its own (b_k, L_k, ...) slice.
-
-    Reproduces `torch.nn.functional.dropout`'s CPU procedure (bernoulli_(1-p), ÷(1-p), multiply), so a
-    client's masks equal those of a solo run seeded the same way. Positions past L_k (padding in the
-    cohort batch, absent in a solo batch) are kept unchanged: they are masked keys and never reach
-    client k's real positions.
-    """
-
-    def __init__(self, p: float, ctx: CohortContext):
-        super().__init__()
-        self.p = float(p)
-        self.ctx = ctx
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        return x * client_noise(self.ctx, x, self.p, seq_dims=(1,) if x.dim() == 3 else ())
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, per-client generators"
-
-
-_ACTIVE: list[CohortContext] = []           # the context of the installed cohort (actors are single-threaded)
-
-
-def client_noise(ctx: CohortContext, x: torch.Tensor, p: float, seq_dims: tuple[int, ...]) -> torch.Tensor:
-    """Dropout multipliers (0 or 1/(1-p)) shaped like x, each client's rows from its own generator.
-
-    `seq_dims` are sequence dims of x (counting the batch dim as 0): client k's numbers are drawn for
-    its own length L_k there, exactly as a solo batch of length L_k would draw them (positions past
-    L_k are padding in the cohort and are kept). On CUDA with Triton one counter-based kernel serves
-    all clients (`cuda_noise`); otherwise one `bernoulli_` per client on its torch.Generator, the
-    procedure of torch's CPU dropout.
-    """
-    if ctx.counter_rng and x.is_cuda:
-        return cuda_noise(ctx, x, p, seq_dims)
-    keep = 1.0 - p
-    with torch.no_grad():
-        noise = torch.empty_like(x, memory_format=torch.contiguous_format)
-        for slot, start, count, length in ctx.segments():
-            gen = ctx.generators[slot]
-            seg = noise[start:start + count]
-            if seq_dims and length < ctx.length:
-                shape = list(seg.shape)
-                index = [slice(None)] * seg.dim()
-                for d in seq_dims:
-                    shape[d], index[d] = length, slice(0, length)
-                part = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep, generator=gen)
-                seg.fill_(keep)
-                seg[tuple(index)] = part
-            else:
-                seg.bernoulli_(keep, generator=gen)
-        noise.div_(keep)
-    return noise
-
-
-def cohort_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """Attention with per-client dropout on the attention probabilities.
-
-    Without dropout (eval mode, p = 0) this is the original implementation (e.g. SDPA) on the whole
-    batch. With dropout the attention is written out — scores, softmax, dropout, ·V, which is what
-    SDPA's math kernel does on CPU when it drops out — so the probabilities' dropout can come from
-    each client's own generator (`client_noise`), still one batched computation for all clients.
-    """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.bert.modeling_bert import eager_attention_forward
-
-    ctx = _ACTIVE[-1] if _ACTIVE else None
-    inner = ALL_ATTENTION_FUNCTIONS.get_interface(ctx.orig_attn if ctx else "sdpa", eager_attention_forward)
-    if dropout == 0.0 or ctx is None:
-        return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
-    probs = F.softmax(scores, dim=-1)
-    probs = probs * client_noise(ctx, probs, dropout, seq_dims=(2, 3))
-    out = torch.matmul(probs.to(value.dtype), value)
-    return out.transpose(1, 2).contiguous(), None
-
-
-_TRITON: dict[str, object] = {}
-
-
-def _triton_ok() -> bool:
-    if "ok" not in _TRITON:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-
-            _TRITON["ok"] = True
-        except ImportError:
-            _TRITON["ok"] = False
-    return bool(_TRITON["ok"])
-
-
-def _noise_kernel():
-    """Triton kernel: keep-mask ÷ keep for rows (N, d1·d2·d3), Philox keyed by (client seed, call)."""
-    if "kernel" in _TRITON:
-        return _TRITON["kernel"]
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def noise(out_ptr, row_seed_ptr, row_local_ptr, inner, d2, d3, c1, c2, c3, call, p, scale,
-              BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        valid = cols < inner
-        seed = tl.load(row_seed_ptr + row).to(tl.int64) * 1048576 + call
-        local = tl.load(row_local_ptr + row).to(tl.int64)
-        c = cols.to(tl.int64)
-        i3 = c % d3
-        i2 = (c // d3) % d2
-        i1 = c // (d3 * d2)
-        # offset in the client's canonical layout (sequence dims at full length): independent of the
-        # cohort's padded length and of where the client's rows sit in the batch
-        off = ((local * c1 + i1) * c2 + i2) * c3 + i3
-        r = tl.rand(seed, off.to(tl.uint32))
-        val = tl.where(r >= p, scale, 0.0)
-        tl.store(out_ptr + row.to(tl.int64) * inner + c, val.to(out_ptr.dtype.element_ty), mask=valid)
-
-    _TRITON["kernel"] = noise
-    return noise
-
-
-def cuda_noise(ctx: CohortContext, x: torch.Tensor, p: float, seq_dims: tuple[int, ...]) -> torch.Tensor:
-    """Dropout multipliers (0 or 1/(1-p)) shaped like x, one kernel launch for all clients.
-
-    Row n's numbers come from Philox keyed by (its client's seed, this call's number) at offsets of
-    the client's own canonical layout (row within the client's batch; dims in `seq_dims` counted at
-    the full sequence length), so a client's masks never depend on the other clients in the cohort.
-    """
-    ctx.calls += 1
-    n = x.shape[0]
-    rest = list(x.shape[1:])
-    if len(rest) > 3:
-        rest, seq_dims = [math.prod(rest[:-2])] + rest[-2:], ()
-    shift = 3 - len(rest)
-    dims = [1] * shift + rest
-    canon = list(dims)
-    for d in seq_dims:                  # d counts the dims after the batch dim, from 1
-        canon[d - 1 + shift] = max(ctx.full_length, dims[d - 1 + shift])
-    inner = dims[0] * dims[1] * dims[2]
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    block = 1024
-    grid = (n, (inner + block - 1) // block)
-    _noise_kernel()[grid](out, ctx.row_seed, ctx.row_local, inner, dims[1], dims[2], canon[0], canon[1], canon[2],
-                          ctx.calls, float(p), 1.0 / (1.0 - p), BLOCK=block)
-    return out
-
-
-def _register_attention(orig: str) -> str:
-    """Register `cohort_attention` (and the original's mask builder) under a derived name."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    name = COHORT_ATTN_PREFIX + orig
-    AttentionInterface.register(name, cohort_attention)
-    if orig in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[orig])
-    return name
 
 
 # ----------------------------------------------------------------------------------------- layers
 
 
 class SegmentLoRALinear(nn.Module):
-    """A frozen nn.Linear plus K clients' LoRA factors, each applied to its own rows only.
+    """A frozen base (nn.Linear or GPT-2's Conv1D) plus K clients' LoRA factors, each on its own rows only.
 
-    a: (K, r, n), b: (K, m, r) (PEFT layout per slot), scale: (K,), optional rank mask (K, r).
+    a: (K, r, n), b: (K, m, r) (PEFT layout per slot, nn.Linear orientation for Conv1D too), scale: (K,),
+    optional rank mask (K, r). The base is only called, so its weight layout does not matter here.
     """
 
-    def __init__(self, base: nn.Linear, ctx: CohortContext, a: torch.Tensor, b: torch.Tensor,
+    def __init__(self, base: nn.Module, ctx: CohortContext, a: torch.Tensor, b: torch.Tensor,
                  scale: torch.Tensor, rank_mask: torch.Tensor | None, dropout: float):
         super().__init__()
         self.base = base
@@ -332,7 +156,10 @@ class SegmentLoRALinear(nn.Module):
 
 
 class SegmentLinear(nn.Module):
-    """K clients' own copies of a Linear layer (the classifier head): weight (K, out, in), bias (K, out)."""
+    """K clients' own copies of a Linear layer (a classifier or LM head): weight (K, out, in), bias (K, out).
+
+    Input (N, in) (sequence-level heads) or (N, L, in) (token-level heads such as a decoder's lm_head).
+    """
 
     def __init__(self, ctx: CohortContext, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -341,20 +168,45 @@ class SegmentLinear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2:
-            raise NotImplementedError("the cohort engine supports sequence-level heads (input (batch, hidden))")
         ctx = self.ctx
         w = ctx.select(self.weight)
         bias = None if self.bias is None else ctx.select(self.bias)
         if ctx.uniform:
-            out = torch.bmm(x.reshape(len(ctx.slots), -1, x.shape[-1]), w.transpose(1, 2))   # (K, b, out)
+            out = torch.bmm(x.reshape(len(ctx.slots), -1, x.shape[-1]), w.transpose(1, 2))   # (K, b·L, out)
             if bias is not None:
                 out = out + bias[:, None, :].to(out.dtype)
-            return out.reshape(x.shape[0], -1)
-        rows = ctx.row_pos
-        out = torch.bmm(w[rows], x.unsqueeze(-1)).squeeze(-1)                                # (N, out)
-        if bias is not None:
-            out = out + bias[rows].to(out.dtype)
+            return out.reshape(*x.shape[:-1], -1)
+        if x.dim() == 2:
+            rows = ctx.row_pos
+            out = torch.bmm(w[rows], x.unsqueeze(-1)).squeeze(-1)                            # (N, out)
+            return out if bias is None else out + bias[rows].to(out.dtype)
+        # token-level: one matmul per client (gathering (N, out, in) would copy an LM head per row)
+        parts, start = [], 0
+        for pos, count in enumerate(ctx.counts):
+            parts.append(F.linear(x[start:start + count], w[pos], None if bias is None else bias[pos]))
+            start += count
+        return torch.cat(parts)
+
+
+class SegmentEmbedding(nn.Module):
+    """K clients' own copies of an nn.Embedding (a decoder's trainable input embeddings): weight (K, V, H).
+
+    Row n looks its tokens up in its client's table (one gather in the flattened (K·V, H) table). As in
+    nn.Embedding, the `padding_idx` entry receives no gradient.
+    """
+
+    def __init__(self, ctx: CohortContext, weight: torch.Tensor, padding_idx: int | None):
+        super().__init__()
+        self.ctx = ctx
+        self.weight = weight
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        k, vocab, hidden = self.weight.shape
+        slots = self.ctx.row_slots().view(-1, *([1] * (ids.dim() - 1)))
+        out = F.embedding(ids + slots * vocab, self.weight.reshape(k * vocab, hidden))
+        if self.padding_idx is not None:
+            out = torch.where((ids == self.padding_idx).unsqueeze(-1), out.detach(), out)
         return out
 
 
@@ -375,7 +227,7 @@ def installed(model: nn.Module, ctx: CohortContext, replacements: dict[str, nn.M
     """Swap the stacked modules in (full module path -> module) and restore the originals on exit.
 
     With `per_client_dropout`, every nn.Dropout with p > 0 becomes a SegmentDropout and attention
-    runs through `cohort_attention` (see the module docstring). The model's train/eval mode is set
+    runs through `cohort_attention` (see `raysim.lora.cohort_dropout`). The model's train/eval mode is set
     to `train` inside and restored afterwards.
     """
     originals: dict[str, nn.Module] = {}

@@ -38,8 +38,8 @@ def wrap_lora(model: torch.nn.Module, rank: int, alpha: float, target_modules: l
     torch.manual_seed(seed)                        # identical A init on every worker
     targets = list(target_modules)
     saved, tie = _saved_modules(model, modules_to_save)
-    cfg = LoraConfig(task_type=TaskType(task_type.upper()), r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                     target_modules=targets, fan_in_fan_out=_targets_are_conv1d(model, targets),
+    cfg = LoraConfig(task_type=TaskType(task_type.upper()) if task_type else None, r=rank, lora_alpha=alpha,
+                     lora_dropout=dropout, target_modules=targets, fan_in_fan_out=_targets_are_conv1d(model, targets),
                      modules_to_save=saved, ensure_weight_tying=tie)
     return get_peft_model(model, cfg)
 

@@ -16,8 +16,9 @@ class Task:
     """
 
     name: ClassVar[str] = ""
-    peft_task_type: ClassVar[str] = ""          # TaskType of the exported adapter
-    metrics: ClassVar[tuple[str, ...]] = ()      # rounds.parquet columns this task fills
+    peft_task_type: ClassVar[str | None] = ""   # PEFT TaskType of the exported adapter (None: no task type)
+    metrics: ClassVar[tuple[str, ...]] = ()      # rounds.parquet columns this task always fills
+    default_metrics: ClassVar[tuple[str, ...]] = ()   # prediction metrics logged unless eval.metrics says
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -37,6 +38,12 @@ class Task:
         """The examples evaluated by generation (None: the task does not generate)."""
         return None
 
+    def with_groups(self, arrays: dict[str, np.ndarray], raw) -> dict[str, np.ndarray]:
+        """`arrays` plus each example's `eval.group_by` group code (`eval_group`); remembers the group names."""
+        if self.cfg.eval.group_by:
+            arrays["eval_group"], self.group_names = group_codes(raw, self.cfg.eval.group_by)
+        return arrays
+
 
 def group_codes(raw, column: str) -> tuple[np.ndarray, list[str]]:
     """Per-example codes of a data column's values (for eval.group_by) and the value names."""
@@ -45,9 +52,10 @@ def group_codes(raw, column: str) -> tuple[np.ndarray, list[str]]:
     return codes.astype(np.int64), [str(n) for n in names]
 
 
-def add_examples(total, per_example: dict[str, np.ndarray], groups: np.ndarray | None):
+def add_examples(total, per_example: dict[str, np.ndarray], groups: np.ndarray | None,
+                 predictions: dict[str, np.ndarray] | None = None):
     """`total` plus the sums of per-example values, overall and, with `groups`, per group
-    (keys `group/<code>/<name>`)."""
+    (keys `group/<code>/<name>`), and the batch's `predictions` (kept per example, for macro_f1 etc.)."""
     from raysim.engines.base import EvalResult
 
     sums = {k: float(np.sum(v)) for k, v in per_example.items()}
@@ -55,4 +63,4 @@ def add_examples(total, per_example: dict[str, np.ndarray], groups: np.ndarray |
         for g in np.unique(groups):
             mask = groups == g
             sums.update({f"group/{int(g)}/{k}": float(np.sum(v[mask])) for k, v in per_example.items()})
-    return total + EvalResult(sums)
+    return total + EvalResult(sums, dict(predictions or {}))

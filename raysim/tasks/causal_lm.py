@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysim.tasks.base import Task, add_examples, group_codes
+from raysim.tasks.base import Task, add_examples
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -26,6 +26,7 @@ class CausalLMTask(Task):
     name = "causal_lm"
     peft_task_type = "CAUSAL_LM"
     metrics = ("loss", "perplexity", "exact_match")
+    default_metrics = ()
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -48,9 +49,7 @@ class CausalLMTask(Task):
         self.truncated = int(arrays.pop("num_truncated"))            # reported in the summary
         self.prompt_too_long = int(arrays.pop("num_prompt_too_long"))
         arrays["example_labels"] = np.asarray(raw.labels, dtype=np.int64)     # group codes, for client hooks
-        if self.cfg.eval.group_by:
-            arrays["eval_group"], self.group_names = group_codes(raw, self.cfg.eval.group_by)
-        return arrays
+        return self.with_groups(arrays, raw)
 
     def batch(self, data, idx: np.ndarray):
         return data.batch(idx, ("input_ids", "attention_mask", "labels"))

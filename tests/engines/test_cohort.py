@@ -22,16 +22,9 @@ from raysim.lora.factors import LoRAFactors
 from raysim.lora.peft_io import get_factors, get_head, wrap_lora
 from raysim.models import RANDOM_ARCHS
 
+from .helpers import assert_updates_same, make_jobs, start_factors
+
 R_MAX, ALPHA, LABELS = 8, 16, 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 matmuls: OpenMP threads only add synchronisation (and suffer on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 KW = dict(optimizer="adamw", lr=1e-2, weight_decay=0.01, batch_size=8, max_grad_norm=0.5, train_head=True,
@@ -62,14 +55,7 @@ def _engines(dropout=0.0, **kw):
 
 
 def _start(model, rank, seed):
-    """Non-trivial start factors (B != 0, so A receives gradients from step one)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, f in get_factors(model).items():
-        out[name] = LoRAFactors(a=(0.1 * rng.normal(size=(rank, f.a.shape[1]))).astype(np.float32),
-                                b=(0.1 * rng.normal(size=(f.b.shape[0], rank))).astype(np.float32),
-                                scale=ALPHA / R_MAX)
-    return out
+    return start_factors(model, rank, seed, ALPHA / R_MAX)
 
 
 # sizes, ranks and steps differ; client 4 has fewer examples than one batch
@@ -78,32 +64,14 @@ CLIENTS = [dict(size=20, rank=8, steps=4), dict(size=9, rank=4, steps=2), dict(s
 
 
 def _jobs(model, clients=CLIENTS, offset=0, **extra):
-    head = get_head(model)
-    jobs, start = [], offset
-    for i, c in enumerate(clients):
-        idx = np.arange(start, start + c["size"])
-        start += c["size"]
-        jobs.append(ClientJob(client_id=i, round=1, seed=100 + i, train_idx=idx,
-                              test_idx=np.arange(300 + 10 * i, 306 + 10 * i), start=_start(model, c["rank"], i),
-                              head={k: v + 0.01 * i for k, v in head.items()}, train=frozenset("ab"),
-                              steps=c["steps"], **extra))
-    return jobs
+    return make_jobs(model, clients, ALPHA / R_MAX, 6, offset, **extra)
 
 
 def _assert_same(solo, cohort, jobs, rtol=1e-5):
-    for s, c, job in zip(solo, cohort, jobs):
-        assert (s.client_id, s.steps, s.num_samples) == (c.client_id, c.steps, c.num_samples)
-        for name, f0 in job.start.items():
-            assert c.factors[name].rank == f0.rank
-            for key in "ab":
-                d_solo = getattr(s.factors[name], key) - getattr(f0, key)
-                d_coh = getattr(c.factors[name], key) - getattr(f0, key)
-                assert np.abs(d_solo).max() > 0 or key not in job.train
-                np.testing.assert_allclose(d_coh, d_solo, rtol=0, atol=rtol * np.abs(d_solo).max() + 1e-9,
-                                           err_msg=f"client {job.client_id} {name}.{key}")
+    assert_updates_same(solo, cohort, jobs, rtol)
+    for s, c in zip(solo, cohort):
         for key in s.head:
             np.testing.assert_allclose(c.head[key], s.head[key], rtol=0, atol=1e-6)
-        assert c.train_loss == pytest.approx(s.train_loss, rel=1e-6)
         if s.local_accuracy is not None:
             assert c.local_accuracy == s.local_accuracy
             assert c.local_loss == pytest.approx(s.local_loss, rel=1e-6)

@@ -51,4 +51,5 @@ def test_metrics_and_groups_from_per_example_sums():
 
 def test_classification_sums_keep_their_meaning():
     total = EvalResult.classification(3.0, 2, 4) + EvalResult.classification(1.0, 1, 4)
-    assert total.metrics() == {"accuracy": 3 / 8, "loss": 0.5, "perplexity": None, "exact_match": None}
+    assert total.metrics() == {"accuracy": 3 / 8, "loss": 0.5, "perplexity": None, "exact_match": None,
+                               "macro_f1": None, "mcc": None, "pearson": None, "spearman": None}

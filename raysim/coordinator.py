@@ -249,11 +249,14 @@ class CoordinatorImpl:
         wire = self.cfg.output.wire_dtype_bytes
         done = [outcomes[u.client_id].result for u in agg.updates]
         local = [r for r in done if r.local_accuracy is not None]
+        local_loss = [r for r in done if r.local_loss is not None]
         up = sum(self.ledger.upload_numel(plan.clients[r.client_id], r.hook_output) for r in done)
         row = {"round": rnd, "wall_s": self.elapsed_before + (time.time() - self.started),
                "round_time_s": round_time, **dict.fromkeys(ROW_METRICS),
                "personalized_accuracy": (weighted([r.local_accuracy for r in local], [r.num_samples for r in local])
                                          if self._personal_eval() else None),
+               "personalized_loss": (weighted([r.local_loss for r in local_loss], [r.num_samples for r in local_loss])
+                                     if self._personal_eval() else None),
                "deviation_rel": agg.result.deviation_rel, "deviation_rel_round": None,
                "bytes_up": int(up * wire), "bytes_down": int(plan.download_numel * wire),
                "clients_sampled": len(outcomes), "clients_completed": len(done),

@@ -24,7 +24,7 @@ ROUND_SCHEMA = pa.schema([
     ("round", pa.int64()), ("wall_s", pa.float64()), ("round_time_s", pa.float64()),
     ("accuracy", pa.float64()), ("loss", pa.float64()), ("perplexity", pa.float64()),
     ("exact_match", pa.float64()), ("macro_f1", pa.float64()), ("mcc", pa.float64()), ("pearson", pa.float64()),
-    ("spearman", pa.float64()), ("personalized_accuracy", pa.float64()),
+    ("spearman", pa.float64()), ("personalized_accuracy", pa.float64()), ("personalized_loss", pa.float64()),
     ("deviation_rel", pa.float64()), ("deviation_rel_round", pa.float64()),
     ("bytes_up", pa.int64()), ("bytes_down", pa.int64()),
     ("clients_sampled", pa.int64()), ("clients_completed", pa.int64()), ("clients_failed", pa.int64()),
@@ -34,7 +34,7 @@ ROUND_SCHEMA = pa.schema([
 CLIENT_SCHEMA = pa.schema([
     ("round", pa.int64()), ("client_id", pa.int64()), ("worker", pa.int64()), ("rank", pa.int64()),
     ("num_samples", pa.int64()), ("train_loss", pa.float64()), ("train_time_s", pa.float64()),
-    ("bytes_up", pa.int64()), ("local_accuracy", pa.float64()), ("status", pa.string()),
+    ("bytes_up", pa.int64()), ("local_accuracy", pa.float64()), ("local_loss", pa.float64()), ("status", pa.string()),
     ("noisy", pa.bool_()),
 ])
 

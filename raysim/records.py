@@ -29,6 +29,7 @@ def client_row(rnd: int, cid: int, rank: int, plan: ClientPlan, outcome, num_sam
             "noisy": noisy, "num_samples": num_samples,
             "train_loss": r.train_loss if r else None, "train_time_s": r.train_time_s if r else None,
             "bytes_up": bytes_up if r else 0, "local_accuracy": r.local_accuracy if r else None,
+            "local_loss": r.local_loss if r else None,
             "status": outcome.status}
 
 

@@ -75,6 +75,18 @@ def test_fedex_is_exact_on_gpt2_conv1d_and_the_saved_updates_recheck(ray_local, 
     assert np.linalg.norm(applied - ideal) <= 1e-5 * np.linalg.norm(ideal)
 
 
+def test_personalised_evaluation_reports_local_token_loss(ray_local, tiny_config, tmp_path):
+    cfg = tiny_config(**{**ARITH, "model.name": "random:llama-tiny", "federation.rounds": 1,
+                         "data.local_test_fraction": 0.2, "eval.personalized": "true", "eval.group_by": "null"})
+    run_experiment(cfg, tmp_path, progress=False)
+    row = pd.read_parquet(tmp_path / "rounds.parquet").iloc[-1]
+    clients = pd.read_parquet(tmp_path / "clients.parquet")
+    done = clients[clients["status"] == "ok"]
+    assert done["local_loss"].notna().all() and done["local_accuracy"].isna().all()
+    assert row["personalized_loss"] == pytest.approx(np.average(done["local_loss"], weights=done["num_samples"]))
+    assert np.isnan(row["personalized_accuracy"])                      # no accuracy for a causal LM
+
+
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_aggregator_runs_on_a_decoder(ray_local, tiny_config, tmp_path, name):
     """One round of each method on random:llama-tiny, frozen factors checked bit for bit (output.debug)."""

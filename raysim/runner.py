@@ -45,11 +45,26 @@ def prepare_data(cfg: ExperimentConfig):
     check_ranks_fit(cfg)                                  # rank <= min(m, n), from the model's config
     _check_task_keys(cfg)
     raw = load_source(cfg.data, cfg.seed, task=cfg.task.type)
+    _check_prompts_fit(cfg, raw)
     if cfg.eval.group_by and cfg.eval.group_by not in raw.columns:
         raise ConfigError(f"eval.group_by: column {cfg.eval.group_by!r} not found; columns: "
                           f"{', '.join(sorted(raw.columns)) or '(none besides the text and the label)'}")
     test_idx, client_train, client_test = split_and_partition(raw, cfg)
     return raw, {"test_idx": test_idx, "client_train": client_train, "client_test": client_test}
+
+
+def _check_prompts_fit(cfg: ExperimentConfig, raw) -> None:
+    """causal_lm with a random decoder (byte tokens, known without loading a tokenizer): some prompt must
+    leave room for a response within model.max_length. (With a Hugging Face tokenizer the same check runs
+    when the coordinator tokenises, and its error reaches the user the same way.)"""
+    from raysim.models import is_random_decoder
+
+    if cfg.task.type != "causal_lm" or not is_random_decoder(cfg.model.name) or not raw.prompts:
+        return
+    shortest = min(len(p.encode("utf-8")) for p in raw.prompts) + 1          # + BOS
+    if shortest >= cfg.model.max_length:
+        raise ConfigError(f"model.max_length: {cfg.model.max_length} tokens leave no room for a response: every "
+                          f"prompt has at least {shortest} tokens; raise model.max_length")
 
 
 def _check_task_keys(cfg: ExperimentConfig) -> None:
@@ -203,8 +218,11 @@ class Session:
         session = cls(spec, workers, coordinator)
         try:
             ray.get(coordinator.ready.remote(), timeout=900)
-        except BaseException:
+        except BaseException as exc:
             session.stop()
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, ConfigError):    # a data mistake only tokenisation can see: one clear message
+                raise ConfigError(str(cause).splitlines()[0]) from None
             raise
         return session
 

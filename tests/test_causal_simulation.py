@@ -112,3 +112,17 @@ def test_wrong_task_combinations_exit_2_before_ray(tmp_path, capsys, monkeypatch
     rc = main(["run", "experiments/tiny.yaml", "--out", str(tmp_path / "run"), "--no-progress", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_prompts_that_fill_max_length_exit_2_before_ray(tmp_path, capsys, monkeypatch):
+    import raysim.runner
+
+    monkeypatch.setattr(raysim.runner, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"q": f"question number {i} is long", "a": str(i % 10)}) + "\n"
+                            for i in range(200)))
+    rc = main(["run", "experiments/causal_arith.yaml", "--out", str(tmp_path / "run"), "--no-progress",
+               "--set", f"data.source=jsonl:{data}", "--set", "data.prompt_column=q", "--set", "data.response_column=a",
+               "--set", "data.partition={scheme: iid}", "--set", "eval.group_by=null", "--set", "model.max_length=16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.max_length" in err and "Traceback" not in err

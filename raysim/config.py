@@ -273,8 +273,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict) or not raw:
+            raise ConfigError(f"{p}: the config file is empty or not a mapping of keys (e.g. `name: ...`); "
+                              "an empty file would silently run the default experiment")
     raw = apply_overrides(raw, overrides or [], notify)
     return validate_config(raw)

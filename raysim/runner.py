@@ -97,9 +97,12 @@ def start_ray(address: str | None, cfg: ExperimentConfig, verbose: bool = False)
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:
-        need = cfg.resources.num_workers * cfg.resources.cpus_per_worker
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-                 include_dashboard=False, **quiet)
+        have, need = os.cpu_count() or 1, cfg.resources.num_workers * cfg.resources.cpus_per_worker
+        if need > have:                     # never more logical CPUs than the machine has
+            raise ConfigError(f"resources.num_workers: {cfg.resources.num_workers} workers × cpus_per_worker "
+                              f"{cfg.resources.cpus_per_worker:g} need {need:g} CPUs but this machine has {have}; "
+                              "use fewer workers, a smaller resources.cpus_per_worker, or a cluster (--address)")
+        ray.init(address="local", num_cpus=have, include_dashboard=False, **quiet)
     return True
 
 

@@ -287,8 +287,12 @@ class OutputConfig(_Strict):
 class ExperimentConfig(_Strict):
     """One experiment: every key of the YAML file."""
 
-    name: str = Field("experiment", description="run name; the default run directory is runs/<name>-<time>")
-    seed: int = Field(0, description="seed of every random choice (data split, sampling, init, faults); the "
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$",
+                      description="run name (letters, digits and `. _ = + -`, starting with a letter or digit; "
+                      "no path separators, at most 200 characters): the default run directory "
+                      "runs/<name>-<time> stays inside runs/")
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of every random choice (data split, sampling, init, "
+                      "faults), 0 ≤ seed < 2^63; the "
                       "same config and seed give the same run")
     task: TaskConfig = Field(default_factory=TaskConfig, description="what is learned (see the task section)")
     model: ModelConfig = Field(default_factory=ModelConfig, description="base model")
@@ -307,6 +311,10 @@ class ExperimentConfig(_Strict):
         if isinstance(self.lora.rank, list) and len(self.lora.rank) != self.federation.num_clients:
             raise ValueError(f"lora.rank lists {len(self.lora.rank)} ranks but federation.num_clients "
                              f"is {self.federation.num_clients}")
+        kill = self.faults.kill_worker_at_round
+        if kill is not None and kill > self.federation.rounds:
+            raise ValueError(f"faults.kill_worker_at_round: round {kill} never comes (federation.rounds is "
+                             f"{self.federation.rounds})")
         return self
 
     def to_yaml_dict(self) -> dict[str, Any]:

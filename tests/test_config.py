@@ -195,3 +195,38 @@ def test_cli_names_the_dropped_keys_on_stderr(tmp_path, capsys, no_ray):
                    "--set", "data.source=csv:/no/such/file.csv")
     assert rc == 2 and "data.source: file not found" in err          # stops before Ray, after the notice
     assert "raysim: data.partition.scheme=iid: dropped alpha (not keys of iid)" in err
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("seed=-5", "seed"), ("seed=1.0e+23", "seed"),
+    ("federation.round_timeout_s=.inf", "federation.round_timeout_s"), ("train.lr=.nan", "train.lr"),
+    ("lora.alpha=.inf", "lora.alpha"), ("name=../../x", "name"),
+    ("faults.kill_worker_at_round=9", "faults.kill_worker_at_round"),
+])
+def test_validation_holes_are_one_clear_error_before_ray(tmp_path, capsys, no_ray, override, needle):
+    rc, err = _cli(tmp_path, capsys, "--set", override)
+    assert rc == 2 and needle in err and "Traceback" not in err and err.count("raysim: error:") == 1
+
+
+def test_method_parameters_must_be_finite(tmp_path, capsys, no_ray):
+    rc, err = _cli(tmp_path, capsys, "--set", "aggregator.name=lora_fair", "--set", "aggregator.lam=.inf")
+    assert rc == 2 and "aggregator.lam" in err
+
+
+def test_an_empty_config_file_is_refused(tmp_path, capsys, no_ray):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    assert main(["run", str(empty), "--out", str(tmp_path / "run")]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_a_local_run_never_gets_more_logical_cpus_than_the_machine(tmp_path, capsys, monkeypatch):
+    import ray
+
+    import raysim.runner
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)                  # as in a fresh process
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr(raysim.runner.os, "cpu_count", lambda: 2)
+    rc, err = _cli(tmp_path, capsys, "--set", "resources.num_workers=10000")
+    assert rc == 2 and "resources.num_workers" in err and "Traceback" not in err

@@ -73,9 +73,9 @@ class AggregateResult:
 
 
 class MethodParams(BaseModel):
-    """Base of a method's parameters (`aggregator.params`): unknown keys are errors."""
+    """Base of a method's parameters (`aggregator.params`): unknown keys, infinities and NaN are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Aggregator:

@@ -264,20 +264,25 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """The parsed YAML of a file; a ConfigError when it is missing or not YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 notify: Callable[[str], None] = _warn) -> ExperimentConfig:
     """Read the YAML at `path` (None: all defaults), apply `overrides` ('a.b=c') and validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+        raw = read_yaml_file(path, "config file")
         if not isinstance(raw, dict) or not raw:
-            raise ConfigError(f"{p}: the config file is empty or not a mapping of keys (e.g. `name: ...`); "
+            raise ConfigError(f"{path}: the config file is empty or not a mapping of keys (e.g. `name: ...`); "
                               "an empty file would silently run the default experiment")
     raw = apply_overrides(raw, overrides or [], notify)
     return validate_config(raw)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from raysim.config import (ConfigError, ExperimentConfig, OutputConfig, apply_overrides, parse_override,
-                           validate_config)
+                           read_yaml_file, validate_config)
 
 SWEEP_KEYS = ("name", "description", "base", "set", "search_space", "seeds", "num_samples", "metric", "mode",
               "scheduler", "max_concurrent_trials", "checkpoint_every", "max_failures")
@@ -78,12 +78,7 @@ def load_sweep(path: str | Path, check_data: bool = True, overrides: list[str] |
     """Read and validate a sweep file; relative `base:` paths are resolved against the file's folder.
     `overrides` ('a.b=c', as for `raysim run --set`) are applied to the base after the file's `set:`."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    raw = read_yaml_file(p, "sweep file")
     if overrides and isinstance(raw, dict) and isinstance(raw.get("set") or {}, dict):
         extra = dict(raw.get("set") or {})
         for item in overrides:

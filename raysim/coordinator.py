@@ -82,6 +82,12 @@ def _deviation(per_module, new_global, base_delta, old_global) -> tuple[float | 
 deviation_task = ray.remote(num_cpus=0)(_deviation)
 
 
+def _local_mean(results, attr: str) -> float | None:
+    """The sample-weighted mean of a per-client local-evaluation value over the clients that have one."""
+    have = [r for r in results if getattr(r, attr) is not None]
+    return weighted([getattr(r, attr) for r in have], [r.num_samples for r in have])
+
+
 class CoordinatorImpl:
     def __init__(self, cfg: ExperimentConfig, raw, partition: dict[str, Any], spec: WorkerSpec, workers: list):
         self.cfg = cfg
@@ -112,12 +118,10 @@ class CoordinatorImpl:
         self.started = time.time()
         self.elapsed_before = 0.0
 
-    def ready(self) -> bool:
-        return True
-
-    def data_report(self) -> dict[str, int]:
-        """What tokenisation had to cut (causal_lm): examples whose response was truncated at model.max_length
-        and examples whose prompt alone filled it (they add nothing to the loss)."""
+    def ready(self) -> dict[str, int]:
+        """Answers once the workers hold the data; returns what tokenisation had to cut (causal_lm): examples
+        whose response was truncated at model.max_length and examples whose prompt alone filled it (they add
+        nothing to the loss)."""
         return {"examples_truncated": getattr(self.task, "truncated", 0),
                 "examples_prompt_too_long": getattr(self.task, "prompt_too_long", 0)}
 
@@ -248,15 +252,12 @@ class CoordinatorImpl:
              agg: Aggregated) -> dict[str, Any]:
         wire = self.cfg.output.wire_dtype_bytes
         done = [outcomes[u.client_id].result for u in agg.updates]
-        local = [r for r in done if r.local_accuracy is not None]
-        local_loss = [r for r in done if r.local_loss is not None]
+        personal = self._personal_eval()
         up = sum(self.ledger.upload_numel(plan.clients[r.client_id], r.hook_output) for r in done)
         row = {"round": rnd, "wall_s": self.elapsed_before + (time.time() - self.started),
                "round_time_s": round_time, **dict.fromkeys(ROW_METRICS),
-               "personalized_accuracy": (weighted([r.local_accuracy for r in local], [r.num_samples for r in local])
-                                         if self._personal_eval() else None),
-               "personalized_loss": (weighted([r.local_loss for r in local_loss], [r.num_samples for r in local_loss])
-                                     if self._personal_eval() else None),
+               "personalized_accuracy": _local_mean(done, "local_accuracy") if personal else None,
+               "personalized_loss": _local_mean(done, "local_loss") if personal else None,
                "deviation_rel": agg.result.deviation_rel, "deviation_rel_round": None,
                "bytes_up": int(up * wire), "bytes_down": int(plan.download_numel * wire),
                "clients_sampled": len(outcomes), "clients_completed": len(done),

@@ -371,11 +371,15 @@ def _build_image(name: str, num_labels: int):
                                                            ignore_mismatched_sizes=True, dtype=torch.float32)
 
 
+def token_cache_dir() -> Path:
+    """Where tokenised data is cached: $RAYSIM_CACHE/tokens (default ~/.cache/raysim/tokens)."""
+    return Path(os.environ.get("RAYSIM_CACHE", Path.home() / ".cache" / "raysim")) / "tokens"
+
+
 def tokenize_for_model(raw, cfg) -> dict[str, Any]:
     """Token ids, masks and labels as numpy arrays for the object store (cached on disk)."""
     from raysim.data.tokenize import tokenize
 
     tokenizer = None if raw.texts is None else load_tokenizer(cfg.model.name)
-    cache = Path(os.environ.get("RAYSIM_CACHE", Path.home() / ".cache" / "raysim")) / "tokens"
-    data = tokenize(raw, tokenizer, cfg.model.max_length, cache_dir=cache)
+    data = tokenize(raw, tokenizer, cfg.model.max_length, cache_dir=token_cache_dir())
     return {"input_ids": data.input_ids, "attention_mask": data.attention_mask, "labels": data.labels}

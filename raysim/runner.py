@@ -149,7 +149,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, address: str | None 
     session = None
     try:
         session = Session.start(cfg, raw, partition)
-        _warn_truncation(ray.get(session.coordinator.data_report.remote(), timeout=60), cfg)
+        _warn_truncation(session.data_report, cfg)
         first_round = session.restore(run_dir, writer) if resume else 1
         clock.lap("workers_ready_s")
         with _progress(progress, cfg, first_round) as bar:
@@ -158,7 +158,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, address: str | None 
         files, base_delta = ray.get(session.coordinator.final_adapter.remote(_base_name(cfg)), timeout=600)
         writer.write_adapter(files, base_delta)
         summary = writer.write_summary(cfg.to_yaml_dict(), {
-            "data": ray.get(session.coordinator.data_report.remote(), timeout=60),
+            "data": session.data_report,
             "setup_s": clock.phases["data_s"] + clock.phases["ray_init_s"] + clock.phases["workers_ready_s"],
             "total_s": clock.elapsed(), "gpus_per_worker": session.spec.gpus, "run_dir": str(run_dir)})
     finally:
@@ -207,6 +207,7 @@ class Session:
         self.spec = spec
         self.workers = workers
         self.coordinator = coordinator
+        self.data_report: dict[str, int] = {}       # what tokenisation cut (coordinator.ready)
 
     @classmethod
     def start(cls, cfg: ExperimentConfig, raw, partition) -> "Session":
@@ -220,7 +221,7 @@ class Session:
         coordinator = Coordinator.remote(cfg, raw, partition, spec, workers)
         session = cls(spec, workers, coordinator)
         try:
-            ray.get(coordinator.ready.remote(), timeout=900)
+            session.data_report = ray.get(coordinator.ready.remote(), timeout=900)
         except BaseException as exc:
             session.stop()
             cause = getattr(exc, "cause", None)

@@ -67,11 +67,11 @@ class ClientWorkerImpl:
         self.engine = PeftEngine(self.model, data, settings, self.task)
         self.cohort = None
         if self.cfg.resources.engine == "cohort":
-            from raysim.engines.cohort import CohortEngine
+            from raysim.engines.cohort import CohortEngine, UnsupportedModel
 
             try:
                 self.cohort = CohortEngine(self.model, data, settings, peft=self.engine)
-            except NotImplementedError as exc:        # a model the stacked layers cannot hold: PEFT engine
+            except UnsupportedModel as exc:           # a model the stacked layers cannot hold: PEFT engine
                 import warnings
 
                 warnings.warn(f"resources.engine: cohort unavailable ({exc}); using the peft engine")

@@ -56,9 +56,8 @@ def partition(labels: np.ndarray, num_clients: int, cfg, seed: int,
         ``groups`` (labels in no group, groups without clients).
 
     Raises:
-        ConfigError: if ``num_clients * min_samples`` exceeds N, a ``by_column`` problem (unknown
-            column, too many values per client) or ``groups`` problem (a label in two groups or
-            outside the label space), or a ``by_column``/``groups`` client below ``min_samples``.
+        ConfigError: too little data for ``num_clients * min_samples``, a ``by_column`` or ``groups``
+            problem (see ``by_column``, ``check_groups``), or such a client below ``min_samples``.
     """
     labels = np.asarray(labels)
     n, min_samples = len(labels), cfg.min_samples

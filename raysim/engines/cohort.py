@@ -59,7 +59,7 @@ from raysim.engines.base import ClientJob, ClientResult, EngineSettings, EvalRes
 from raysim.engines.cohort_steps import Step, eval_rows, optimizer_step, per_client_sum, plan_steps, row_losses
 from raysim.engines.peft_engine import DataArrays, PeftEngine, make_optimizer
 from raysim.lora.cohort import CohortContext, SegmentEmbedding, SegmentLinear, SegmentLoRALinear, installed
-from raysim.lora.cohort_dropout import _triton_ok
+from raysim.lora.cohort_context import triton_available
 from raysim.lora.factors import LoRAFactors
 from raysim.lora.peft_io import ADAPTER, PREFIX, head_parameters, is_fan_in_fan_out
 
@@ -71,14 +71,18 @@ class UnsupportedJob(ValueError):
     """A job the cohort engine cannot train (e.g. CE-LoRA's tri-matrix factors); use the PEFT engine."""
 
 
+class UnsupportedModel(ValueError):
+    """A model or task the stacked layers cannot hold (the worker then trains with the PEFT engine)."""
+
+
 def _check_saved(path: str, inner: nn.Module) -> None:
     """A module trained in full must be a Linear or a plain nn.Embedding (what the stacked modules hold)."""
     if type(inner) is nn.Embedding:
         if inner.max_norm is not None or inner.scale_grad_by_freq or inner.sparse:
-            raise NotImplementedError(f"cohort engine: embedding {path} uses max_norm/scale_grad_by_freq/sparse "
+            raise UnsupportedModel(f"cohort engine: embedding {path} uses max_norm/scale_grad_by_freq/sparse "
                                       "(use resources.engine: peft)")
     elif not isinstance(inner, nn.Linear):
-        raise NotImplementedError(f"cohort engine: trainable module {path} is a {type(inner).__name__}; only "
+        raise UnsupportedModel(f"cohort engine: trainable module {path} is a {type(inner).__name__}; only "
                                   "Linear heads and nn.Embedding are supported (use resources.engine: peft)")
 
 
@@ -98,7 +102,7 @@ class CohortEngine:
         self.device = data.device
         self.peft = peft or PeftEngine(model, data, settings, task)
         if self.peft.task.name not in TASKS:
-            raise NotImplementedError(f"cohort engine: task {self.peft.task.name!r} is not supported "
+            raise UnsupportedModel(f"cohort engine: task {self.peft.task.name!r} is not supported "
                                       "(use resources.engine: peft)")
         # token labels (N, L) mean a causal LM even when no task was given (the PEFT engine's default task
         # batches them alike, and `model(**batch).loss` is then the causal-LM loss)
@@ -128,12 +132,12 @@ class CohortEngine:
         key_of = {id(p): key for key, p in head_parameters(model).items()}
         for path, module in model.named_modules():
             if isinstance(module, LoraLayer) and ADAPTER in getattr(module, "lora_embedding_A", {}):
-                raise NotImplementedError(f"cohort engine: {path} is a LoRA embedding; only nn.Linear and Conv1D "
+                raise UnsupportedModel(f"cohort engine: {path} is a LoRA embedding; only nn.Linear and Conv1D "
                                           "layers are supported (use resources.engine: peft)")
             if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
                 base = module.get_base_layer()
                 if not (isinstance(base, nn.Linear) or is_fan_in_fan_out(base)):
-                    raise NotImplementedError(f"cohort engine: {path} adapts a {type(base).__name__}; only "
+                    raise UnsupportedModel(f"cohort engine: {path} adapts a {type(base).__name__}; only "
                                               "nn.Linear and Conv1D are supported (use resources.engine: peft)")
                 self.lora[path.removeprefix(PREFIX)] = (path, module)
             elif isinstance(module, ModulesToSaveWrapper):
@@ -276,7 +280,7 @@ class CohortEngine:
         t0 = time.perf_counter()
         K = len(jobs)
         schedules = [batch_schedule(j.train_idx, j.steps, self.batch_size, j.seed) for j in jobs]
-        counter_rng = self.has_dropout and self.device.type == "cuda" and _triton_ok()
+        counter_rng = self.has_dropout and self.device.type == "cuda" and triton_available()
         plan = self._plan(schedules, [int(j.seed) for j in jobs] if counter_rng else None)
         arrays = self._arrays()
         lora, heads = self._stack(jobs, frozenset(jobs[0].train))

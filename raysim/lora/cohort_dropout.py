@@ -26,14 +26,11 @@ mode) none of this happens and attention keeps its original fused implementation
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from raysim.lora.cohort import CohortContext
+from raysim.lora.cohort_context import CohortContext, triton_available
 
 COHORT_ATTN_PREFIX = "raysim_cohort+"
 
@@ -137,18 +134,6 @@ def cohort_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 _TRITON: dict[str, object] = {}
-
-
-def _triton_ok() -> bool:
-    if "ok" not in _TRITON:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-
-            _TRITON["ok"] = True
-        except ImportError:
-            _TRITON["ok"] = False
-    return bool(_TRITON["ok"])
 
 
 def _noise_kernel():

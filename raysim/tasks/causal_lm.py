@@ -3,9 +3,7 @@ on plain text; evaluated by loss, perplexity and exact match of greedy generatio
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 
@@ -42,10 +40,10 @@ class CausalLMTask(Task):
 
     def arrays(self, raw) -> dict[str, np.ndarray]:
         from raysim.data.causal import tokenize_causal
+        from raysim.models import token_cache_dir
 
-        cache = Path(os.environ.get("RAYSIM_CACHE", Path.home() / ".cache" / "raysim")) / "tokens"
         arrays = tokenize_causal(raw, self.tokenizer, self.cfg.model.max_length, self.cfg.data.chat_template,
-                                 cache_dir=cache)
+                                 cache_dir=token_cache_dir())
         self.truncated = int(arrays.pop("num_truncated"))            # reported in the summary
         self.prompt_too_long = int(arrays.pop("num_prompt_too_long"))
         arrays["example_labels"] = np.asarray(raw.labels, dtype=np.int64)     # group codes, for client hooks

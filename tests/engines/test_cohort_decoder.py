@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from raysim.engines.base import ClientJob, EngineSettings
-from raysim.engines.cohort import CohortEngine
+from raysim.engines.cohort import CohortEngine, UnsupportedModel
 from raysim.engines.peft_engine import DataArrays, PeftEngine
 from raysim.lora.cohort import CohortContext, SegmentEmbedding, SegmentLinear, SegmentLoRALinear
 from raysim.lora.factors import LoRAFactors
@@ -145,7 +145,7 @@ def test_lora_on_an_embedding_is_refused_so_the_worker_falls_back_to_peft():
     base = AutoModelForCausalLM.from_config(random_decoder_config("random:llama-tiny"))
     model = wrap_lora(base, 4, 8, ["q_proj", "embed_tokens"], 0.0, 0, task_type="causal_lm")
     data = DataArrays(_data(8), torch.device("cpu"))
-    with pytest.raises(NotImplementedError, match="LoRA embedding"):
+    with pytest.raises(UnsupportedModel, match="LoRA embedding"):
         CohortEngine(model, data, EngineSettings(**KW), task=CausalLMTask(None))
 
 

@@ -1,10 +1,15 @@
 """Run directory writer: config.yaml, rounds.parquet, clients.parquet, summary.json, updates/, adapter/.
 
+The run directory is a local path or a filesystem URI (`s3://bucket/prefix`, ...): every file goes
+through `raysim.storage.RunStorage`, which writes it atomically (a hard kill leaves the old file or the
+new one, never half of one).
+
 `rounds.parquet` and `clients.parquet` are Parquet dataset directories with one file per round
 (`round-NNNNNN.parquet`, written atomically), so recording a round costs the same in round 1 and round
 10,000, and both stay readable during the run with `pandas.read_parquet(path)` or
-`pyarrow.parquet.read_table(path)`. `summary.json` is written last and only for a finished run, with
-`"status": "completed"` — a run directory without it is not complete.
+`pyarrow.parquet.read_table(path)` (with `filesystem=` for a URI, or `read_rounds`). `summary.json` is
+written last, for a finished run, with its `status` (`completed` or `failed`) — a run directory without it
+is not complete.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
+from raysim.storage import RunStorage
 
 ROUND_SCHEMA = pa.schema([
     ("round", pa.int64()), ("wall_s", pa.float64()), ("round_time_s", pa.float64()),
@@ -28,6 +34,7 @@ ROUND_SCHEMA = pa.schema([
     ("deviation_rel", pa.float64()), ("deviation_rel_round", pa.float64()),
     ("bytes_up", pa.int64()), ("bytes_down", pa.int64()),
     ("clients_sampled", pa.int64()), ("clients_completed", pa.int64()), ("clients_failed", pa.int64()),
+    ("clients_rejected", pa.int64()), ("status", pa.string()), ("workers", pa.int64()),
     ("train_loss", pa.float64()), ("aggregator", pa.string()),
 ])
 
@@ -35,9 +42,11 @@ CLIENT_SCHEMA = pa.schema([
     ("round", pa.int64()), ("client_id", pa.int64()), ("worker", pa.int64()), ("rank", pa.int64()),
     ("num_samples", pa.int64()), ("train_loss", pa.float64()), ("train_time_s", pa.float64()),
     ("bytes_up", pa.int64()), ("local_accuracy", pa.float64()), ("local_loss", pa.float64()), ("status", pa.string()),
-    ("noisy", pa.bool_()),
+    ("error", pa.string()), ("noisy", pa.bool_()),
 ])
 
+
+SUMMARY_STATUSES = ("completed", "failed", "running")
 
 GROUP_SCHEMA = pa.schema([
     ("round", pa.int64()), ("group", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
@@ -58,15 +67,20 @@ def group_rows(rnd: int, total, names: list[str]) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Rows -> table with the fixed columns first; extra numeric columns (e.g. agg_*) appended."""
+    """Rows -> table with the fixed columns first; extra columns (e.g. agg_*) appended: text where a value is
+    a string, float64 otherwise."""
     extra = sorted({k for r in rows for k in r} - set(schema.names))
-    fields = list(schema) + [pa.field(k, pa.float64()) for k in extra]
+    fields = list(schema) + [pa.field(k, _extra_type([r.get(k) for r in rows])) for k in extra]
     full = pa.schema(fields)
     cols = {f.name: [r.get(f.name) for r in rows] for f in full}
     for f in full:
         if pa.types.is_floating(f.type):
             cols[f.name] = [None if v is None else float(v) for v in cols[f.name]]
     return pa.table(cols, schema=full)
+
+
+def _extra_type(values: list[Any]) -> pa.DataType:
+    return pa.string() if any(isinstance(v, str) for v in values) else pa.float64()
 
 
 def summarise_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -94,58 +108,71 @@ def summarise_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
 class PartitionedTable:
     """A Parquet dataset directory with one file per round; the schema only ever grows."""
 
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path = path
+    def __init__(self, storage: RunStorage, rel: str, schema: pa.Schema):
+        self.storage = storage
+        self.rel = rel
         self.schema = schema
 
-    def part(self, rnd: int) -> Path:
-        return self.path / f"round-{rnd:06d}.parquet"
+    def part(self, rnd: int) -> str:
+        return f"{self.rel}/round-{rnd:06d}.parquet"
+
+    def parts(self) -> list[str]:
+        """The round files, in round order."""
+        names = [n for n in self.storage.listdir(self.rel) if n.startswith("round-") and n.endswith(".parquet")]
+        return [f"{self.rel}/{n}" for n in sorted(names, key=_part_round)]
 
     def write(self, rnd: int, rows: list[dict[str, Any]]) -> None:
         table = _table(rows, self.schema)
         if not set(table.schema.names) <= set(self.schema.names):
             self._widen(table.schema)
-        self._write_file(self.part(rnd), _table(rows, self.schema))
+        self.storage.write_parquet(self.part(rnd), _table(rows, self.schema))
 
     def _widen(self, schema: pa.Schema) -> None:
         """A column seen for the first time (e.g. an aggregator statistic): rewrite earlier parts with it."""
         extra = [f for f in schema if f.name not in self.schema.names]
         self.schema = pa.schema(list(self.schema) + extra)
-        for part in sorted(self.path.glob("round-*.parquet")):
-            self._write_file(part, _table(pq.read_table(part).to_pylist(), self.schema))
-
-    def _write_file(self, target: Path, table: pa.Table) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / f".{target.name}.tmp"           # hidden: readers skip it
-        pq.write_table(table, tmp)
-        os.replace(tmp, target)
+        for part in self.parts():
+            self.storage.write_parquet(part, _table(self.storage.read_parquet(part).to_pylist(), self.schema))
 
     def rows(self) -> list[dict[str, Any]]:
-        if not any(self.path.glob("round-*.parquet")):
+        parts = self.parts()
+        if not parts:
             return []
-        return pq.read_table(self.path).to_pylist()
+        schema = pq.read_schema(self.storage.path(parts[-1]), filesystem=self.storage.fs)   # the widest
+        return self.storage.read_parquet(self.rel, schema=schema).to_pylist()
 
     def drop_after(self, rnd: int) -> None:
         """Resume: forget the rounds after the checkpoint."""
-        for part in self.path.glob("round-*.parquet"):
-            if int(part.stem.split("-")[1]) > rnd:
-                part.unlink()
-        parts = sorted(self.path.glob("round-*.parquet"))
+        for part in self.parts():
+            if _part_round(part) > rnd:
+                self.storage.delete(part)
+        parts = self.parts()
         if parts:
-            self.schema = pq.read_schema(parts[-1])
+            self.schema = pq.read_schema(self.storage.path(parts[-1]), filesystem=self.storage.fs)
+
+
+def _part_round(name: str) -> int:
+    return int(name.rsplit("/", 1)[-1].split("-")[1].split(".")[0])
 
 
 class RunWriter:
-    def __init__(self, run_dir: Path):
-        self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.rounds_table = PartitionedTable(self.dir / "rounds.parquet", ROUND_SCHEMA)
-        self.clients_table = PartitionedTable(self.dir / "clients.parquet", CLIENT_SCHEMA)
-        self.groups_table = PartitionedTable(self.dir / "groups.parquet", GROUP_SCHEMA)
+    """Writes one run directory (`run_dir`: a local path, a filesystem URI or a RunStorage)."""
+
+    def __init__(self, run_dir: "RunStorage | str | os.PathLike"):
+        self.storage = RunStorage.of(run_dir)
+        self.storage.makedirs()
+        self.rounds_table = PartitionedTable(self.storage, "rounds.parquet", ROUND_SCHEMA)
+        self.clients_table = PartitionedTable(self.storage, "clients.parquet", CLIENT_SCHEMA)
+        self.groups_table = PartitionedTable(self.storage, "groups.parquet", GROUP_SCHEMA)
         self.rounds: list[dict[str, Any]] = []
 
+    @property
+    def dir(self) -> str:
+        """The run directory as the user would write it (a local path or a URI)."""
+        return self.storage.uri()
+
     def write_config(self, cfg_dict: dict[str, Any]) -> None:
-        (self.dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        self.storage.write_text("config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
 
     def load_existing(self, up_to_round: int) -> None:
         """On resume: keep the rows of rounds already done (up to the checkpoint), drop the rest."""
@@ -161,32 +188,31 @@ class RunWriter:
         self.rounds_table.write(row["round"], [row])
 
     def write_updates(self, rnd: int, uploads: dict[int, tuple[dict, dict]], global_tensors: dict) -> None:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        rnd_dir = self.dir / "updates" / f"round-{rnd:04d}"
-        rnd_dir.mkdir(parents=True, exist_ok=True)
+        rnd_dir = f"updates/round-{rnd:04d}"
         for cid, (tensors, meta) in uploads.items():
-            save_file(tensors, str(rnd_dir / f"client-{cid}.safetensors"), metadata=meta)
+            self.storage.write_bytes(f"{rnd_dir}/client-{cid}.safetensors", save(tensors, metadata=meta))
         scales = sorted({meta.get("scale") for _, meta in uploads.values()} or {""})
-        save_file(global_tensors, str(rnd_dir / "global.safetensors"),
-                  metadata={"scale": scales[0] if len(scales) == 1 else json.dumps(scales)})
+        meta = {"scale": scales[0] if len(scales) == 1 else json.dumps(scales)}
+        self.storage.write_bytes(f"{rnd_dir}/global.safetensors", save(global_tensors, metadata=meta))
 
     def write_adapter(self, files: dict[str, bytes], base_delta: dict[str, np.ndarray] | None) -> None:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        adapter = self.dir / "adapter"
-        adapter.mkdir(exist_ok=True)
         for name, data in files.items():
-            (adapter / name).write_bytes(data)
+            self.storage.write_bytes(f"adapter/{name}", data)
         if base_delta is not None:
-            save_file({f"{k}.base_delta": np.ascontiguousarray(v) for k, v in base_delta.items()},
-                      str(adapter / "base_delta.safetensors"))
+            tensors = {f"{k}.base_delta": np.ascontiguousarray(v) for k, v in base_delta.items()}
+            self.storage.write_bytes("adapter/base_delta.safetensors", save(tensors))
 
-    def write_summary(self, cfg_dict: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    def write_summary(self, cfg_dict: dict[str, Any], extra: dict[str, Any],
+                      status: str = "completed") -> dict[str, Any]:
+        """summary.json (status: completed, failed or running; a key `status` in `extra` wins)."""
         from importlib.metadata import version
 
         summary = {
-            "status": "completed",
+            "status": status,
             "name": cfg_dict["name"],
             "seed": cfg_dict["seed"],
             "aggregator": cfg_dict["aggregator"]["name"],
@@ -196,7 +222,13 @@ class RunWriter:
                          **{pkg: version(pkg) for pkg in ("ray", "torch", "transformers", "peft", "raysim")}},
             **extra,
         }
-        tmp = self.dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=float))
-        os.replace(tmp, self.dir / "summary.json")
+        if summary["status"] not in SUMMARY_STATUSES:
+            raise ValueError(f"summary status {summary['status']!r}: one of {', '.join(SUMMARY_STATUSES)}")
+        self.storage.write_text("summary.json", json.dumps(summary, indent=2, default=float))
         return summary
+
+
+def read_rounds(run_dir: "RunStorage | str | os.PathLike") -> list[dict[str, Any]]:
+    """The rows of a run directory's rounds.parquet (local path or URI), in round order; [] when none."""
+    table = PartitionedTable(RunStorage.of(run_dir), "rounds.parquet", ROUND_SCHEMA)
+    return sorted(table.rows(), key=lambda r: r["round"])

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest_s3 import s3_server  # noqa: F401 - the fixture
 from raysim.cli import main
 from raysim.config import ConfigError
 from raysim.tune import parse_sweep, run_sweep, trial_bundles, trial_config, trial_label
@@ -145,6 +146,78 @@ def test_rewind_aligns_the_run_dir_with_tunes_last_checkpoint(tmp_path):
     assert rewind_to_checkpoint(run, 3) == 3        # Tune saw round 3: round 4 is redone
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-0003"]
     assert rewind_to_checkpoint(run, 1) == 3        # Tune's round is gone: the latest one
+    for r in (9999, 10000):
+        (run / "checkpoints" / f"round-{r:04d}").mkdir()
+    assert rewind_to_checkpoint(run, 1) == 10000    # the latest by round number, not by name
+
+
+def _round_row(rnd: int, acc: float) -> dict:
+    return {"round": rnd, "wall_s": float(rnd), "round_time_s": 1.0, "accuracy": acc, "loss": 1.0 / rnd,
+            "bytes_up": 100 * rnd, "bytes_down": 1000 * rnd, "clients_sampled": 2, "clients_completed": 2,
+            "clients_failed": 0, "aggregator": "fedit"}
+
+
+def test_trial_bookkeeping_reads_and_writes_the_sweeps_object_store(s3_server):  # noqa: F811 - the fixture
+    """What a trial and the trials table do with a run directory in S3: rewind its checkpoints to Tune's,
+    re-total the rounds kept, summarise it, and write trials.parquet."""
+    import numpy as np
+
+    from raysim.checkpoint import checkpoint_rounds, save_checkpoint
+    from raysim.metrics import RunWriter
+    from raysim.storage import RunStorage
+    from raysim.tune.table import run_dir_metrics, write_trials
+    from raysim.tune.trial import MetricTracker, rewind_to_checkpoint
+
+    uri = s3_server.uri()
+    writer = RunWriter(uri)
+    writer.write_config({"name": "x", "federation": {"rounds": 4}})
+    for rnd, acc in ((1, 0.25), (2, 0.5), (3, 0.375)):
+        writer.add_round(_round_row(rnd, acc), [])
+        save_checkpoint(uri, {"w": np.full(2, rnd, dtype=np.float32)}, {"round": rnd}, keep=3)
+    assert rewind_to_checkpoint(uri, 2) == 2
+    assert [r for r, _ in checkpoint_rounds(uri)] == [1, 2]
+    tracker = MetricTracker(uri, up_to_round=2)
+    final = tracker.final()
+    assert final["round"] == 2 and final["accuracy"] == 0.5 and final["best_accuracy"] == 0.5
+    assert final["bytes_up_total"] == 100 + 200 and final["bytes_down_total"] == 1000 + 2000
+    row = run_dir_metrics(uri)
+    assert row["status"] == "unfinished" and row["rounds_done"] == 3 and row["rounds"] == 4
+    assert row["best_accuracy"] == 0.5 and row["best_round"] == 2 and row["bytes_up"] == 600
+    assert row["run_dir"] == RunStorage.of(uri).uri()
+    RunStorage.of(uri).write_text("summary.json", "{}")
+    assert run_dir_metrics(uri)["status"] == "completed"
+    table = pd.DataFrame([{"trial": "0000_x=1", **run_dir_metrics(uri)}])
+    where = write_trials(table, uri)
+    assert where == RunStorage.of(uri).uri("trials.parquet")
+    pd.testing.assert_frame_equal(RunStorage.of(uri).read_parquet("trials.parquet").to_pandas(), table)
+
+
+def test_a_node_local_sweep_dir_is_refused_on_a_cluster_of_several_nodes(monkeypatch, tmp_path):
+    import ray
+
+    from raysim.tune.driver import refuse_node_local
+
+    alive = {"Alive": True}
+    monkeypatch.delenv("RAYSIM_SHARED_OUT", raising=False)
+    monkeypatch.setattr(ray, "nodes", lambda: [alive, alive, {"Alive": False}])
+    with pytest.raises(ConfigError, match=r"local disk, but the Ray cluster has 2 nodes.*RAYSIM_SHARED_OUT=1"):
+        refuse_node_local(tmp_path / "sweep")
+    with pytest.raises(ConfigError, match="local disk"):
+        refuse_node_local(f"file://{tmp_path}/sweep")
+    refuse_node_local("s3://bucket/sweep")                        # shared storage
+    monkeypatch.setenv("RAYSIM_SHARED_OUT", "1")
+    refuse_node_local(tmp_path / "sweep")                         # a path the user says every node mounts
+    monkeypatch.delenv("RAYSIM_SHARED_OUT")
+    monkeypatch.setattr(ray, "nodes", lambda: [alive, {"Alive": False}])
+    refuse_node_local(tmp_path / "sweep")                         # one live node: its disk is the cluster's
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_help_says_resume_trusts_the_directory(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "s3://bucket/prefix" in text and "only resume a sweep directory you trust" in text
 
 
 def test_stop_after_trials_sends_tunes_interrupt_signal_once(monkeypatch, tmp_path):

@@ -7,8 +7,9 @@
   round per aggregator, and report.md with a mean ± std over seeds table. A plot is drawn only for a
   dimension the sweep actually swept.
 
-Everything is read from the Parquet/JSON/YAML files, so a report can be made on another machine.
-Output goes to DIR/report/ unless --out is given.
+Everything is read from the Parquet/JSON/YAML files, so a report can be made on another machine. DIR is
+a local path or a filesystem URI (s3://bucket/prefix, ...; read through `raysim.storage.RunStorage`).
+Output goes to DIR/report/ unless --out is given (a local folder, or a URI: the files are uploaded).
 
 Modules: `load` (reading run and sweep directories), `fmt` (cell formatting), `tables` (markdown
 tables and config facts), `plots` (matplotlib figures), `run` and `sweep` (the two reports), `cli`.

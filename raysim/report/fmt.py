@@ -1,4 +1,7 @@
-"""Formatting of table cells: values, floats, mean ± std, byte counts (missing values print as '-')."""
+"""Formatting of table cells: values, floats, mean ± std, seconds, byte counts (missing values print as '-').
+
+Human-facing numbers are rounded: metrics to 3 decimals, times to 0.1 s, byte counts to 3 significant digits
+in one unit per table column (`byte_unit`), so a column never mixes KB and MB."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ def fmt_value(v: Any) -> str:
     return str(v)
 
 
-def fmt_float(v: Any, sci: bool = False, digits: int = 4) -> str:
+def fmt_float(v: Any, sci: bool = False, digits: int = 3) -> str:
     v = _scalar(v)
     if is_missing(v):
         return "-"
@@ -42,17 +45,32 @@ def fmt_mean_std(values, sci: bool) -> str:
     return f"{fmt_float(mean, sci)} ± {fmt_float(std, sci)}"
 
 
-def fmt_bytes(n: Any) -> str:
-    """Decimal units: 999 B, 1.5 KB, 2.0 MB, … GB."""
+def fmt_seconds(v: Any) -> str:
+    """Seconds to 0.1 s: 151.7 s."""
+    return "-" if is_missing(_scalar(v)) else f"{float(_scalar(v)):.1f} s"
+
+
+BYTE_UNITS = (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0))
+
+
+def byte_unit(values) -> str:
+    """The decimal unit for a column of byte counts: GB, MB, KB or B, by its largest value."""
+    vals = [abs(float(_scalar(v))) for v in values if not is_missing(_scalar(v))]
+    largest = max(vals, default=0.0)
+    return next(unit for unit, size in BYTE_UNITS if largest >= size or unit == "B")
+
+
+def fmt_bytes(n: Any, unit: str | None = None) -> str:
+    """A byte count in `unit` (default: its own `byte_unit`) to 3 significant digits: 1.51 MB, 0.776 MB, 151 MB."""
     n = _scalar(n)
     if is_missing(n):
         return "-"
-    n = float(n)
-    for unit in ("B", "KB", "MB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+    unit = unit or byte_unit([n])
+    x = float(n) / dict(BYTE_UNITS)[unit]
+    if unit == "B":
+        return f"{x:.0f} B"
+    decimals = 0 if x == 0 else min(3, max(0, 2 - math.floor(math.log10(abs(x)))))
+    return f"{x:.{decimals}f} {unit}"
 
 
 def sorted_unique(series) -> list:

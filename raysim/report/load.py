@@ -1,38 +1,52 @@
 """Reading run and sweep directories: which kind a directory is, its JSON/YAML files, the swept keys
-of a sweep, its trials' per-round accuracy, and the config defaults that fill what a file leaves out."""
+of a sweep, its trials' per-round accuracy, and the config defaults that fill what a file leaves out.
+A directory is a local path or a filesystem URI: everything is read through `raysim.storage.RunStorage`."""
 
 from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from raysim.config import ConfigError, ExperimentConfig
+from raysim.metrics import read_rounds
+from raysim.storage import RunStorage
 
 AGG = "aggregator.name"
 ALPHA = "data.partition.alpha"
 NON_DIMS = {"trial", "trial_id", "seed"}
 
 
-def directory_kind(path: Path) -> str:
+def directory_kind(src: RunStorage) -> str:
     """'sweep' (trials.parquet) or 'run' (rounds.parquet); a ConfigError for anything else."""
-    if (path / "trials.parquet").exists():
+    if src.exists("trials.parquet"):
         return "sweep"
-    if (path / "rounds.parquet").exists():
+    if src.exists("rounds.parquet"):
         return "run"
-    raise ConfigError(f"raysim report: {path} is neither a run directory (rounds.parquet) "
+    raise ConfigError(f"raysim report: {src.uri()} is neither a run directory (rounds.parquet) "
                       "nor a sweep directory (trials.parquet)")
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def read_json(src: RunStorage, rel: str) -> dict[str, Any]:
+    return json.loads(src.read_text(rel)) if src.is_file(rel) else {}
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+def read_yaml(src: RunStorage, rel: str) -> dict[str, Any]:
+    return (yaml.safe_load(src.read_text(rel)) or {}) if src.is_file(rel) else {}
+
+
+def rounds_frame(run: RunStorage):
+    """A run's rounds.parquet as a pandas DataFrame, in round order."""
+    import pandas as pd
+
+    return pd.DataFrame(read_rounds(run))
+
+
+def base_name(src: RunStorage) -> str:
+    """The last part of a directory's path (its name)."""
+    return src.root.rstrip("/").rsplit("/", 1)[-1]
 
 
 @functools.cache
@@ -70,19 +84,17 @@ def sweep_aggregator(spec: dict[str, Any]) -> str:
     return config_value(base if isinstance(base, dict) else {}, "aggregator", "name")
 
 
-def trial_rounds(df, sweep_dir: Path, dims: list[str], base_agg: str):
+def trial_rounds(df, sweep: RunStorage, dims: list[str], base_agg: str):
     """Per-round accuracy of every trial whose run directory is found (all trials, including those ASHA
     stopped), with columns round, accuracy, agg and alpha (None unless alpha was swept); None if none."""
     import pandas as pd
 
     frames = []
     for _, r in df.iterrows():
-        run_dir = Path(str(r.get("run_dir") or ""))
-        if not (run_dir / "rounds.parquet").exists():
-            run_dir = sweep_dir / "trials" / str(r["trial"])      # the sweep dir moved
-        if not (run_dir / "rounds.parquet").exists():
+        run = _trial_run(sweep, str(r["trial"]), r.get("run_dir"))
+        if run is None:
             continue
-        rounds = pd.read_parquet(run_dir / "rounds.parquet", columns=["round", "accuracy"])
+        rounds = rounds_frame(run)[["round", "accuracy"]]
         rounds["agg"] = r[AGG] if AGG in df.columns else base_agg
         rounds["alpha"] = r[ALPHA] if ALPHA in dims else None
         frames.append(rounds)
@@ -90,3 +102,19 @@ def trial_rounds(df, sweep_dir: Path, dims: list[str], base_agg: str):
         return None
     allr = pd.concat(frames).dropna(subset=["accuracy"])
     return allr if len(allr) else None
+
+
+def _trial_run(sweep: RunStorage, trial: str, recorded: Any) -> RunStorage | None:
+    """A trial's run directory: in the sweep directory as given (which may have been copied or moved), else
+    where trials.parquet recorded it; None when neither has rounds.parquet."""
+    candidates = [sweep.child(f"trials/{trial}")]
+    if recorded:
+        candidates.append(str(recorded))
+    for candidate in candidates:
+        try:
+            run = RunStorage.of(candidate)
+            if run.exists("rounds.parquet"):
+                return run
+        except (OSError, ValueError):          # a recorded location this machine cannot reach
+            continue
+    return None

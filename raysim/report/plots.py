@@ -11,6 +11,12 @@ from raysim.report.load import AGG, ALPHA
 MARKERS = "osD^vP*X"
 LINESTYLES = ["-", "--", ":", "-."]
 
+# axis labels, each with its unit (a ratio or fraction says so)
+ROUND_LABEL = "round (federated rounds)"
+ACCURACY_LABEL = "accuracy (fraction correct, 0–1)"
+FINAL_ACCURACY_LABEL = "final test accuracy (fraction correct, 0–1)"
+DEVIATION_LABEL = "deviation_rel (ratio, log scale)"
+
 
 def pyplot():
     import matplotlib
@@ -50,7 +56,7 @@ def round_plot(rounds, series: list[tuple[str, str]], ylabel: str, title: str, p
             _integer_x(ax)
     if log:
         ax.set_yscale("log")
-    ax.set(xlabel="round", ylabel=ylabel, title=title)
+    ax.set(xlabel=ROUND_LABEL, ylabel=ylabel, title=title)
     ax.legend()
     return save(fig, path)
 
@@ -78,7 +84,7 @@ def accuracy_vs(done, dim: str, label: str, logx: bool, base_agg: str):
     ax.set_xticklabels([fmt_value(x) for x in xs_all])
     if numeric:
         ax.minorticks_off()
-    ax.set(xlabel=label, ylabel="final test accuracy",
+    ax.set(xlabel=label, ylabel=FINAL_ACCURACY_LABEL,
            title=f"Final accuracy vs {dim} (mean ± std over seeds and other swept keys)")
     ax.title.set_fontsize(9)
     ax.legend(title="aggregator", fontsize=8)
@@ -112,7 +118,7 @@ def deviation_bars(done):
     ax.set_ylim(bottom=floor)
     if groups != [None]:
         ax.legend(title="non-IID level", fontsize=8)
-    ax.set(xlabel="aggregator", ylabel="final deviation_rel (log)",
+    ax.set(xlabel="aggregator (method name)", ylabel=f"final {DEVIATION_LABEL}",
            title="Aggregation deviation ‖ideal − applied‖/‖ideal‖ (mean ± std over trials)")
     ax.title.set_fontsize(9)
     return fig
@@ -136,7 +142,7 @@ def accuracy_curves(allr, alpha_swept: bool):
             ax.fill_between(s["round"], s["mean"] - s["std"].fillna(0), s["mean"] + s["std"].fillna(0),
                             alpha=0.08, color=styles[agg]["color"])
     _integer_x(ax)
-    ax.set(xlabel="round", ylabel="test accuracy",
+    ax.set(xlabel=ROUND_LABEL, ylabel=f"test {ACCURACY_LABEL}",
            title="Accuracy per round (mean ± std over seeds and other swept keys)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)

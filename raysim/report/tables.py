@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raysim.report.fmt import fmt_bytes, fmt_float, fmt_mean_std, fmt_value
+from raysim.report.fmt import byte_unit, fmt_bytes, fmt_float, fmt_mean_std, fmt_value
 from raysim.report.load import config_value
 
 # final-value columns of a sweep: (column, header, scientific notation)
@@ -36,13 +36,14 @@ def group_table(df, dims: list[str]) -> list[str]:
     header = "| " + " | ".join(dims + ["n", *(m[1] for m in METRICS), "bytes up"]) + " |"
     lines = [header, "|" + "---|" * (len(dims) + len(METRICS) + 2)]
     groups = df.groupby(dims, dropna=False, sort=True) if dims else [((), df)]
+    unit = byte_unit(df.loc[df["status"] == "completed", "bytes_up"])
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
         done = g[g["status"] == "completed"]
         cells = [fmt_value(k) for k in key] + [f"{len(done)}/{len(g)}"]
         for col, _, sci in METRICS:
             cells.append(fmt_mean_std(done[col] if col in done else [], sci))
-        cells.append(fmt_bytes(done["bytes_up"].mean()) if len(done) else "-")
+        cells.append(fmt_bytes(done["bytes_up"].mean(), unit) if len(done) else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -52,9 +53,10 @@ def trials_table(df, dims: list[str]) -> list[str]:
     lines = ["| trial | " + " | ".join(dims) + " | seed | status | rounds | accuracy | "
              "best accuracy | deviation_rel | bytes up |",
              "|---|" + "---|" * (len(dims) + 7)]
+    unit = byte_unit(df["bytes_up"])
     for _, r in df.sort_values("trial").iterrows():
         lines.append(f"| {r['trial']} | " + " | ".join(fmt_value(r[d]) for d in dims)
                      + f" | {fmt_value(r.get('seed'))} | {r['status']} | {fmt_value(r.get('rounds_done'))}"
                      f" | {fmt_float(r.get('accuracy'))} | {fmt_float(r.get('best_accuracy'))}"
-                     f" | {fmt_float(r.get('deviation_rel'), sci=True)} | {fmt_bytes(r.get('bytes_up'))} |")
+                     f" | {fmt_float(r.get('deviation_rel'), sci=True)} | {fmt_bytes(r.get('bytes_up'), unit)} |")
     return lines

@@ -19,6 +19,9 @@ max_concurrent_trials: 4
 checkpoint_every: 1                  # rounds between trial checkpoints (0: a resumed trial restarts)
 ```
 
+The sweep directory (`--out`) is a local path or a filesystem URI (`s3://bucket/prefix`, ...): trials,
+trials.parquet and Tune's state all live there (see `driver`).
+
 Modules: `spec` (the sweep file and every check before Ray starts), `trial` (what runs inside one Tune
 trial), `driver` (Tuner setup, resume, signal handling), `table` (trials.parquet), `cli` (`raysim sweep`).
 Importing this package imports neither Ray nor torch; they load when a sweep runs.

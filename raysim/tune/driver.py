@@ -1,8 +1,11 @@
 """The sweep driver: Ray and Tuner setup, resuming, progress lines and signal handling.
 
 A sweep directory holds `sweep.yaml` (a self-contained copy of the sweep file), `trials.parquet`,
-`trials/` (one raysim run directory per trial) and `tune/` (Tune's experiment state). `--resume` restores
-the Tuner from `tune/`: unfinished trials continue from their last round, finished ones are not rerun.
+`trials/` (one raysim run directory per trial) and `tune/` (Tune's experiment state). It is a local path or
+a filesystem URI (`s3://bucket/prefix`, ...): raysim's files go through `raysim.storage.RunStorage` and
+Tune's `storage_path` is the same storage, so trials on any node of a cluster write to it. `--resume`
+restores the Tuner from `tune/`: unfinished trials continue from their last round, finished ones are not
+rerun. Restoring unpickles Tune's saved state, so only resume a sweep directory you trust.
 """
 
 from __future__ import annotations
@@ -19,19 +22,17 @@ from typing import Any
 import yaml
 
 from raysim.config import ConfigError
-from raysim.tune.spec import SweepSpec, grid_combinations, load_sweep
-from raysim.tune.table import print_summary, trials_table, write_trials
+from raysim.storage import RunStorage, is_node_local
+from raysim.tune.spec import SweepSpec, grid_combinations, parse_sweep
+from raysim.tune.table import TRIALS_DIR, TUNE_DIR, print_summary, trials_table, write_trials
 from raysim.tune.trial import make_resources, make_trainable, trial_bundles, trial_config, trial_dirname
-
-TUNE_DIR = "tune"            # Tune's experiment directory inside the sweep dir
-TRIALS_DIR = "trials"        # one raysim run directory per trial
 
 
 class Progress:
     """Driver-side view of the sweep: one line per finished trial; optional stop after N trials."""
 
-    def __init__(self, trials_dir: Path, stop_after: int | None, quiet: bool):
-        self.trials_dir = trials_dir
+    def __init__(self, trials_dir: "RunStorage | str | Path", stop_after: int | None, quiet: bool):
+        self.trials = RunStorage.of(trials_dir)
         self.stop_after = stop_after
         self.quiet = quiet
         self.finished = 0
@@ -52,7 +53,7 @@ class Progress:
         res = trial.last_result or {}
         if error:
             status = "error"
-        elif (self.trials_dir / name / "summary.json").exists():
+        elif self.trials.is_file(f"{name}/summary.json"):
             status = "completed"
         else:
             status = f"stopped at round {res.get('round', '?')}"
@@ -130,14 +131,14 @@ def _max_trial_cpus(spec: SweepSpec) -> float:
                 for combo in grid_combinations(spec)), default=0.0)
 
 
-def run_sweep(spec: SweepSpec | None, sweep_dir: str | Path, *, resume: bool = False, address: str | None = None,
-              num_cpus: int | None = None, stop_after_trials: int | None = None, verbose: bool = False,
-              quiet: bool = False):
-    """Run (or resume) a sweep into `sweep_dir`; writes sweep.yaml and trials.parquet. Returns the
-    trials table (pandas). `spec` is read from sweep_dir/sweep.yaml when resuming."""
+def run_sweep(spec: SweepSpec | None, sweep_dir: "str | Path | RunStorage", *, resume: bool = False,
+              address: str | None = None, num_cpus: int | None = None, stop_after_trials: int | None = None,
+              verbose: bool = False, quiet: bool = False):
+    """Run (or resume) a sweep into `sweep_dir` (a local path or a filesystem URI); writes sweep.yaml and
+    trials.parquet. Returns the trials table (pandas). `spec` is read from sweep_dir/sweep.yaml when resuming."""
     global _ACTIVE
-    sweep_dir = Path(sweep_dir).resolve()
-    spec = _sweep_to_run(spec, sweep_dir, resume)
+    sweep = RunStorage.of(sweep_dir)
+    spec = _sweep_to_run(spec, sweep, resume)
     if stop_after_trials is not None and stop_after_trials < 1:
         raise ConfigError("--stop-after-trials: must be >= 1")
     _quiet_tune_env()
@@ -146,19 +147,20 @@ def run_sweep(spec: SweepSpec | None, sweep_dir: str | Path, *, resume: bool = F
     joins_cluster = not ray.is_initialized() and bool(address or os.environ.get("RAY_ADDRESS"))
     started = start_sweep_ray(address, _max_trial_cpus(spec), num_cpus, verbose)
     try:
+        refuse_node_local(sweep)
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
         check_cluster_fits(spec, cluster_gpus, strict=not joins_cluster)   # a cluster may scale up
-        trials_dir = _prepare_sweep_dir(spec, sweep_dir, resume)
-        _ACTIVE = Progress(trials_dir, stop_after_trials, quiet)
-        tuner = _make_tuner(spec, sweep_dir, cluster_gpus, resume)
+        trials = _prepare_sweep_dir(spec, sweep, resume)
+        _ACTIVE = Progress(trials, stop_after_trials, quiet)
+        tuner = _make_tuner(spec, sweep, cluster_gpus, resume)
         if not quiet:
-            print(f"[sweep] {spec.name}: {spec.num_trials()} trials -> {sweep_dir}", flush=True)
+            print(f"[sweep] {spec.name}: {spec.num_trials()} trials -> {sweep.uri()}", flush=True)
         with _quiet_tune_logs(verbose), _own_signal_handlers():
             tuner.fit()
-        table = trials_table(spec, sweep_dir / TUNE_DIR, trials_dir)
-        write_trials(table, sweep_dir)
+        table = trials_table(spec, sweep)
+        write_trials(table, sweep)
         if not quiet:
-            print_summary(table, sweep_dir)
+            print_summary(table, sweep)
         return table
     finally:
         _ACTIVE = None
@@ -166,44 +168,62 @@ def run_sweep(spec: SweepSpec | None, sweep_dir: str | Path, *, resume: bool = F
             ray.shutdown()
 
 
-def _sweep_to_run(spec: SweepSpec | None, sweep_dir: Path, resume: bool) -> SweepSpec:
+def refuse_node_local(sweep: "RunStorage | str | Path") -> None:
+    """Trials run on any node of a cluster, so a sweep directory on one machine's disk cannot hold their
+    outputs. A path on a filesystem every node mounts is allowed with RAYSIM_SHARED_OUT=1."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and is_node_local(sweep) and not os.environ.get("RAYSIM_SHARED_OUT"):
+        raise ConfigError(f"sweep directory {RunStorage.of(sweep).uri()} is on this machine's local disk, but the "
+                          f"Ray cluster has {len(nodes)} nodes and trials run on any of them; give shared storage "
+                          "(--out s3://bucket/prefix, gs://..., or a path on a filesystem every node mounts, with "
+                          "RAYSIM_SHARED_OUT=1)")
+
+
+def _sweep_to_run(spec: SweepSpec | None, sweep: RunStorage, resume: bool) -> SweepSpec:
     """The spec given, or on --resume the one saved in the sweep dir; refuses to overwrite a sweep."""
-    tune_path = sweep_dir / TUNE_DIR
     if resume:
-        spec_file = sweep_dir / "sweep.yaml"
-        if not spec_file.is_file() or not tune_path.is_dir():
-            raise ConfigError(f"--resume: {sweep_dir} is not a raysim sweep directory (no sweep.yaml / {TUNE_DIR}/)")
-        return load_sweep(spec_file, check_data=False)
+        if not sweep.is_file("sweep.yaml") or not sweep.exists(TUNE_DIR):
+            raise ConfigError(f"--resume: {sweep.uri()} is not a raysim sweep directory "
+                              f"(no sweep.yaml / {TUNE_DIR}/)")
+        try:
+            raw = yaml.safe_load(sweep.read_text("sweep.yaml"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--resume: {sweep.uri('sweep.yaml')} is not valid YAML: {exc}") from None
+        base_dir = sweep.local_path() if sweep.is_local else None
+        return parse_sweep(raw, base_dir=base_dir, check_data=False)
     if spec is None:
         raise ConfigError("raysim sweep: give a sweep file (or --resume DIR)")
-    if (sweep_dir / "sweep.yaml").exists() or tune_path.exists():
-        raise ConfigError(f"--out: {sweep_dir} already holds a sweep; continue it with --resume {sweep_dir}")
+    if sweep.exists("sweep.yaml") or sweep.exists(TUNE_DIR):
+        raise ConfigError(f"--out: {sweep.uri()} already holds a sweep; continue it with "
+                          f"--resume {sweep.uri()}")
     return spec
 
 
-def _prepare_sweep_dir(spec: SweepSpec, sweep_dir: Path, resume: bool) -> Path:
+def _prepare_sweep_dir(spec: SweepSpec, sweep: RunStorage, resume: bool) -> RunStorage:
     """Create the sweep dir (writing sweep.yaml for a new sweep); returns its trials/ folder."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    trials_dir = sweep_dir / TRIALS_DIR
-    trials_dir.mkdir(exist_ok=True)
+    sweep.makedirs(TRIALS_DIR)
     if not resume:
-        (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False))
-    return trials_dir
+        sweep.write_text("sweep.yaml", yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False))
+    return sweep.child(TRIALS_DIR)
 
 
-def _make_tuner(spec: SweepSpec, sweep_dir: Path, cluster_gpus: float, resume: bool):
-    """A new Tuner, or on --resume the one restored from tune/ (errored trials are retried)."""
+def _make_tuner(spec: SweepSpec, sweep: RunStorage, cluster_gpus: float, resume: bool):
+    """A new Tuner, or on --resume the one restored from tune/ (errored trials are retried). Tune keeps its
+    state and checkpoints in the sweep's own storage (`storage_filesystem`), reachable from every node."""
     from ray import tune
 
-    tune_path = sweep_dir / TUNE_DIR
+    tune_path = sweep.path(TUNE_DIR)
     trainable = tune.with_resources(
-        make_trainable(spec.base, sweep_dir / TRIALS_DIR, cluster_gpus, spec.checkpoint_every, spec.name),
+        make_trainable(spec.base, sweep.child(TRIALS_DIR), cluster_gpus, spec.checkpoint_every, spec.name),
         resources=make_resources(spec.base, cluster_gpus, spec.checkpoint_every))
     if resume:
-        if not tune.Tuner.can_restore(str(tune_path)):
-            raise ConfigError(f"--resume: Tune has no saved experiment state in {tune_path}")
-        return tune.Tuner.restore(str(tune_path), trainable=trainable, resume_errored=True)
-    run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir), verbose=0, callbacks=[make_callback()],
+        if not tune.Tuner.can_restore(tune_path, storage_filesystem=sweep.fs):
+            raise ConfigError(f"--resume: Tune has no saved experiment state in {sweep.uri(TUNE_DIR)}")
+        return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True, storage_filesystem=sweep.fs)
+    run_config = tune.RunConfig(name=TUNE_DIR, storage_path=sweep.storage_path, storage_filesystem=sweep.fs,
+                                verbose=0, callbacks=[make_callback()],
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures))
     return tune.Tuner(trainable, param_space=_param_space(spec), tune_config=_tune_config(spec),

@@ -1,30 +1,39 @@
-"""trials.parquet: one row per trial with its swept values, final metrics and status."""
+"""trials.parquet: one row per trial with its swept values, final metrics and status. The sweep directory
+is a local path or a filesystem URI; everything is read and written through `raysim.storage.RunStorage`."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import shlex
 from typing import Any
 
 import yaml
 
+from raysim.storage import RunStorage
 from raysim.tune.spec import DEFAULT_SEED, SweepSpec, plain
+
+TUNE_DIR = "tune"            # Tune's experiment directory inside the sweep dir
+TRIALS_DIR = "trials"        # one raysim run directory per trial
 
 RESULT_COLUMNS = ["status", "rounds_done", "rounds", "accuracy", "loss", "deviation_rel", "max_deviation_rel",
                   "best_accuracy", "best_round", "personalized_accuracy", "train_loss", "bytes_up", "bytes_down",
                   "wall_s", "run_dir", "error"]
 
 
-def trials_table(spec: SweepSpec, tune_path: Path, trials_dir: Path):
+def trials_table(spec: SweepSpec, sweep_dir: "RunStorage | str | os.PathLike"):
     """One row per trial Tune knows of: trial name and id, swept values (dotted-key columns), seed, final
-    metrics and status. Read from the experiment state Tune saved on disk — what a resume would see (after
-    an interrupt Tune's in-memory trials are all marked terminated, the saved state is not)."""
+    metrics and status. Read from the experiment state Tune saved in the sweep's storage — what a resume
+    would see (after an interrupt Tune's in-memory trials are all marked terminated, the saved state is not)."""
     import pandas as pd
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    analysis = ExperimentAnalysis(str(tune_path), default_metric=spec.metric, default_mode=spec.mode)
+    sweep = RunStorage.of(sweep_dir)
+    analysis = ExperimentAnalysis(sweep.path(TUNE_DIR), storage_filesystem=sweep.fs, default_metric=spec.metric,
+                                  default_mode=spec.mode)
     statuses = {str(t.path): str(t.status) for t in analysis.trials}
-    rows = [_trial_row(spec, result, statuses.get(str(result.path), ""), trials_dir)
+    trials = sweep.child(TRIALS_DIR)
+    rows = [_trial_row(spec, result, statuses.get(str(result.path), ""), trials)
             for result in ResultGrid(analysis)]
     df = pd.DataFrame(rows)
     if len(df):
@@ -32,16 +41,16 @@ def trials_table(spec: SweepSpec, tune_path: Path, trials_dir: Path):
     return df
 
 
-def _trial_row(spec: SweepSpec, result, tune_status: str, trials_dir: Path) -> dict[str, Any]:
+def _trial_row(spec: SweepSpec, result, tune_status: str, trials: RunStorage) -> dict[str, Any]:
     """The row of one Tune result: its swept values, then the metrics of its run directory."""
-    name = Path(result.path).name
+    name = str(result.path).rstrip("/").rsplit("/", 1)[-1]
     config = result.config or {}
     row: dict[str, Any] = {"trial": name, "trial_id": (result.metrics or {}).get("trial_id")}
     for key in spec.search_space:
         value = plain(config.get(key))
         row[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
     row["seed"] = int(plain(config["seed"]) if "seed" in config else spec.base.get("seed", DEFAULT_SEED))
-    row.update(run_dir_metrics(trials_dir / name))
+    row.update(run_dir_metrics(trials.child(name)))
     if result.error is not None or tune_status == "ERROR":
         row["status"] = "error"
         text = str(result.error or "").strip()
@@ -53,28 +62,27 @@ def _trial_row(spec: SweepSpec, result, tune_status: str, trials_dir: Path) -> d
     return row
 
 
-def run_dir_metrics(run_dir: Path) -> dict[str, Any]:
+def run_dir_metrics(run_dir: "RunStorage | str | os.PathLike") -> dict[str, Any]:
     """Final metrics of one run directory (complete or not) from rounds.parquet and summary.json."""
-    import pyarrow.parquet as pq
+    from raysim.metrics import read_rounds
 
+    run = RunStorage.of(run_dir)
     out: dict[str, Any] = {k: None for k in RESULT_COLUMNS}
-    out.update({"status": "pending", "rounds_done": 0, "run_dir": str(run_dir), "rounds": _planned_rounds(run_dir)})
-    path = run_dir / "rounds.parquet"
-    rows = pq.read_table(path).to_pylist() if path.exists() else []
+    out.update({"status": "pending", "rounds_done": 0, "run_dir": run.uri(), "rounds": _planned_rounds(run)})
+    rows = read_rounds(run)
     if rows:
         out.update(_rounds_metrics(rows))
-    if (run_dir / "summary.json").is_file():
+    if run.is_file("summary.json"):
         out["status"] = "completed"
     return out
 
 
-def _planned_rounds(run_dir: Path) -> int | None:
+def _planned_rounds(run: RunStorage) -> int | None:
     """federation.rounds of the run's config.yaml; None while there is none (or it is half-written)."""
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
+    if not run.is_file("config.yaml"):
         return None
     try:
-        return int(yaml.safe_load(cfg_file.read_text())["federation"]["rounds"])
+        return int(yaml.safe_load(run.read_text("config.yaml"))["federation"]["rounds"])
     except Exception:  # noqa: BLE001 - a half-written config must not break the table
         return None
 
@@ -93,18 +101,20 @@ def _rounds_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "bytes_up": s["totals"]["bytes_up"], "bytes_down": s["totals"]["bytes_down"], "wall_s": s["wall_s"]}
 
 
-def write_trials(table, sweep_dir: Path) -> Path:
-    """Write trials.parquet atomically (a reader never sees half a table)."""
-    path = Path(sweep_dir) / "trials.parquet"
-    tmp = path.with_suffix(".parquet.tmp")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return path
+def write_trials(table, sweep_dir: "RunStorage | str | os.PathLike") -> str:
+    """Write trials.parquet atomically (a reader never sees half a table); returns its location."""
+    import pyarrow as pa
+
+    sweep = RunStorage.of(sweep_dir)
+    sweep.write_parquet("trials.parquet", pa.Table.from_pandas(table, preserve_index=False))
+    return sweep.uri("trials.parquet")
 
 
-def print_summary(table, sweep_dir: Path) -> None:
+def print_summary(table, sweep_dir: "RunStorage | str | os.PathLike") -> None:
+    sweep = RunStorage.of(sweep_dir)
+    where = shlex.quote(sweep.uri())                         # a URI's options hold '?' and '&'
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     print(f"[sweep] {len(table)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), flush=True)
     if any(s in counts for s in ("unfinished", "pending")):
-        print(f"[sweep] not finished; continue with: raysim sweep --resume {sweep_dir}", flush=True)
-    print(f"[sweep] trials table: {sweep_dir / 'trials.parquet'}  (raysim report {sweep_dir})", flush=True)
+        print(f"[sweep] not finished; continue with: raysim sweep --resume {where}", flush=True)
+    print(f"[sweep] trials table: {sweep.uri('trials.parquet')}  (raysim report {where})", flush=True)

@@ -1,6 +1,7 @@
 """What runs inside one Tune trial: a whole simulation, reported to Tune once per round.
 
-A trial runs `raysim.runner.run_experiment` into `<sweep_dir>/trials/<trial>/` (the usual run directory).
+A trial runs `raysim.runner.run_experiment` into `<sweep_dir>/trials/<trial>/` (the usual run directory,
+on local disk or in the sweep's object store: every file goes through `raysim.storage.RunStorage`).
 Its Coordinator and ClientWorkers are nested actors inside the trial's placement group, sized from the
 trial's own config: `[{CPU: 1}] + [{CPU: cpus_per_worker, GPU: gpus_per_worker}] * num_workers` (the
 Coordinator asks for no CPU and shares bundle 0 with the trial). The Tune checkpoint records only the
@@ -12,13 +13,16 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from raysim.checkpoint import checkpoint_rounds, drop_checkpoints_after
 from raysim.config import ExperimentConfig, validate_config
+from raysim.metrics import read_rounds
+from raysim.storage import RunStorage
 from raysim.tune.spec import DEFAULT_CHECKPOINT_EVERY, apply_values, plain
 
 
@@ -55,44 +59,50 @@ def make_resources(base: dict[str, Any], cluster_gpus: float, checkpoint_every: 
     return resources
 
 
-def make_trainable(base: dict[str, Any], trials_dir: Path, cluster_gpus: float, checkpoint_every: int,
-                   sweep_name: str):
-    """The Tune function trainable: one whole simulation, reporting once per round."""
-    trials_dir = Path(trials_dir).resolve()
+def make_trainable(base: dict[str, Any], trials: "RunStorage | str | Path", cluster_gpus: float,
+                   checkpoint_every: int, sweep_name: str):
+    """The Tune function trainable: one whole simulation, reporting once per round. `trials` is the sweep's
+    trials/ folder (a local path, a URI or a RunStorage); each trial writes its own run directory in it."""
+    trials = RunStorage.of(trials)
+    # the driver already accepted a node-local sweep directory on a shared filesystem: so do the trials
+    shared_out = os.environ.get("RAYSIM_SHARED_OUT")
 
     def raysim_trial(config: dict[str, Any]) -> None:
         from ray import tune
 
+        if shared_out:
+            os.environ["RAYSIM_SHARED_OUT"] = shared_out
         trial_name = Path(tune.get_context().get_trial_dir()).name
         cfg = trial_config(base, config, cluster_gpus=cluster_gpus, checkpoint_every=checkpoint_every,
                            name=f"{sweep_name}-{trial_name}")
-        run_trial(cfg, trials_dir / trial_name)
+        run_trial(cfg, trials.child(trial_name))
 
     return raysim_trial
 
 
-def run_trial(cfg: ExperimentConfig, run_dir: Path) -> None:
-    """Run (or resume, from Tune's checkpoint) one trial's simulation into `run_dir`."""
+def run_trial(cfg: ExperimentConfig, run_dir: "RunStorage | str | Path") -> None:
+    """Run (or resume, from Tune's checkpoint) one trial's simulation into `run_dir` (path, URI or storage)."""
     from ray import tune
 
     from raysim.runner import run_experiment
 
-    if (run_dir / "summary.json").is_file():
+    run = RunStorage.of(run_dir)
+    if run.is_file("summary.json"):
         # finished before an interruption hid it from Tune (the last report comes after summary.json):
         # nothing to redo, only the final report
-        tracker = MetricTracker(run_dir, up_to_round=cfg.federation.rounds)
+        tracker = MetricTracker(run, up_to_round=cfg.federation.rounds)
         if tracker.last_row is not None:
             tune.report(tracker.final())
         return
-    start_after = _resume_point(run_dir)                  # the round a resumed trial continues after
+    start_after = _resume_point(run)                      # the round a resumed trial continues after
     if start_after is None:
-        shutil.rmtree(run_dir, ignore_errors=True)        # a fresh start: no stale rows or checkpoints
-    reporter = _RoundReporter(run_dir, cfg.federation.rounds, start_after)
-    run_experiment(cfg, run_dir, resume=start_after is not None, progress=False, on_round=reporter.on_round)
+        run.delete_dir("")                                # a fresh start: no stale rows or checkpoints
+    reporter = _RoundReporter(run, cfg.federation.rounds, start_after)
+    run_experiment(cfg, run.uri(), resume=start_after is not None, progress=False, on_round=reporter.on_round)
     reporter.finish()
 
 
-def _resume_point(run_dir: Path) -> int | None:
+def _resume_point(run: RunStorage) -> int | None:
     """The round to continue after, from Tune's checkpoint of this trial (None: start afresh)."""
     from ray import tune
 
@@ -101,23 +111,21 @@ def _resume_point(run_dir: Path) -> int | None:
         return None
     with ckpt.as_directory() as d:
         done = int(json.loads((Path(d) / "state.json").read_text())["round"])
-    return rewind_to_checkpoint(run_dir, done)
+    return rewind_to_checkpoint(run, done)
 
 
-def rewind_to_checkpoint(run_dir: Path, done_round: int) -> int | None:
+def rewind_to_checkpoint(run_dir: "RunStorage | str | Path", done_round: int) -> int | None:
     """Align the run dir with Tune's checkpoint (round `done_round`): drop raysim checkpoints of later
     rounds so the resumed trial's rounds and Tune's training_iteration stay in step. Returns the round the
     run resumes after (its latest raysim checkpoint), or None when it cannot resume."""
-    root = run_dir / "checkpoints"
-    found = sorted(root.glob("round-*"))
-    if not (run_dir / "config.yaml").is_file() or not found:
+    run = RunStorage.of(run_dir)
+    rounds = [rnd for rnd, _ in checkpoint_rounds(run)]          # in round order, not name order
+    if not run.is_file("config.yaml") or not rounds:
         return None
-    if (root / f"round-{done_round:04d}").is_dir():
-        for path in found:
-            if int(path.name.split("-")[1]) > done_round:
-                shutil.rmtree(path, ignore_errors=True)
+    if done_round in rounds:
+        drop_checkpoints_after(run, done_round)
         return done_round
-    return int(found[-1].name.split("-")[1])
+    return rounds[-1]
 
 
 class _RoundReporter:
@@ -125,7 +133,7 @@ class _RoundReporter:
     whenever raysim wrote one. The last round is reported by finish(), once the adapter and summary.json
     are written, so a scheduler stopping the trial at its last report loses nothing."""
 
-    def __init__(self, run_dir: Path, rounds: int, start_after: int | None):
+    def __init__(self, run_dir: RunStorage, rounds: int, start_after: int | None):
         self.run_dir = run_dir
         self.rounds = rounds
         self.tracker = MetricTracker(run_dir if start_after is not None else None, up_to_round=start_after or 0)
@@ -149,7 +157,7 @@ class _RoundReporter:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            state = {"round": metrics["round"], "run_dir": str(self.run_dir)}
+            state = {"round": metrics["round"], "run_dir": self.run_dir.uri()}
             (Path(d) / "state.json").write_text(json.dumps(state))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
@@ -162,21 +170,17 @@ class MetricTracker:
     """Per-round Tune metrics: accuracy (and the task's other evaluation metrics) carried forward between
     evaluations, best accuracy, byte totals."""
 
-    def __init__(self, run_dir: Path | None, up_to_round: int = 0):
+    def __init__(self, run_dir: "RunStorage | str | Path | None", up_to_round: int = 0):
         self.best = float("nan")
         self.last_acc = float("nan")
         self.last_eval = dict.fromkeys(TASK_METRICS, float("nan"))
         self.bytes_up = 0
         self.bytes_down = 0
         self.last_row: dict[str, Any] | None = None
-        path = run_dir / "rounds.parquet" if run_dir is not None else None
-        if path is not None and path.exists():            # resumed: totals of the rounds already kept
-            import pyarrow.parquet as pq
-
-            for r in pq.read_table(path).to_pylist():
-                if r["round"] <= up_to_round:
-                    self._fold(r)
-                    self.last_row = r
+        for r in read_rounds(run_dir) if run_dir is not None else []:    # resumed: the rounds already kept
+            if r["round"] <= up_to_round:
+                self._fold(r)
+                self.last_row = r
 
     def _fold(self, row: dict[str, Any]) -> None:
         acc = _num(row.get("accuracy"))

@@ -1,8 +1,12 @@
-"""The log of changes to the frozen base weights (FedEx-LoRA residuals, FLoRA merges), kept factored.
+"""The log of changes to the frozen base weights (FedEx-LoRA residuals, FLoRA merges), each in its
+smaller form.
 
 Version v is the change made by round v: per module W_base += u @ v (nn.Linear orientation, u is m×q,
-v is q×n, q ≤ K·r). Workers replay the entries they have not applied yet; the communication ledger
-charges a client that missed versions min(m·n, Σ factored sizes) per module to catch up.
+v is q×n, q ≤ K·r), or, where q(m+n) > m·n, the dense m×n change itself, stored as the pair
+(dense, None) (`raysim.lora.factors.delta_matrix` reads both forms). Workers replay the entries they
+have not applied yet; `compact(upto)` merges the oldest entries into one once no worker needs them
+apart. The communication ledger charges a client that missed versions min(m·n, Σ factored sizes) per
+module to catch up; the sizes of every version are kept for it, through compaction and checkpoints.
 """
 
 from __future__ import annotations
@@ -11,14 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from raysim.lora.factors import BaseDelta
+from raysim.lora.factors import BaseDelta, compact_delta, delta_matrix
 
-Delta = dict[str, tuple[np.ndarray, np.ndarray]]      # module -> (u, v), float64
+Pair = tuple[np.ndarray, np.ndarray | None]               # (u, v) factored, or (dense m×n, None)
+Delta = dict[str, Pair]                                   # module -> pair, float64
 
 
 class BaseDeltaLog:
     def __init__(self) -> None:
         self.entries: list[tuple[int, Delta]] = []
+        self.sizes: dict[int, dict[str, int]] = {}        # version -> module -> scalars to send it
 
     @property
     def version(self) -> int:
@@ -26,8 +32,19 @@ class BaseDeltaLog:
         return self.entries[-1][0] if self.entries else 0
 
     def record(self, version: int, delta: dict[str, BaseDelta]) -> None:
-        per_module = {k: (d.u.astype(np.float64), d.v.astype(np.float64)) for k, d in delta.items() if d.u.shape[1]}
+        """Append version `version`; each module is kept factored or dense, whichever is smaller."""
+        per_module, sizes = {}, {}
+        for name, d in delta.items():
+            if d.v is not None and d.u.shape[1] == 0:
+                continue                                  # an empty residual (one client): nothing changes
+            sizes[name] = d.numel()
+            if d.v is None:
+                per_module[name] = (np.asarray(d.u, dtype=np.float64), None)
+            else:
+                c = compact_delta(np.asarray(d.u, dtype=np.float64), np.asarray(d.v, dtype=np.float64))
+                per_module[name] = (c.u, c.v)
         self.entries.append((version, per_module))
+        self.sizes[version] = sizes
 
     def since(self, version: int) -> list[tuple[int, Delta]]:
         """The entries newer than `version`, oldest first."""
@@ -36,26 +53,66 @@ class BaseDeltaLog:
     def catch_up_numel(self, version: int, shapes: dict[str, tuple[int, int]]) -> int:
         """Scalars a holder of `version` downloads to catch up: per module min(m·n, Σ missed factored sizes)."""
         missed: dict[str, int] = {}
-        for _, per_module in self.since(version):
-            for name, uv in per_module.items():
-                missed[name] = missed.get(name, 0) + BaseDelta(*uv).numel()
+        for v, per_module in self.sizes.items():
+            if v > version:
+                for name, size in per_module.items():
+                    missed[name] = missed.get(name, 0) + size
         return sum(min(shapes[name][0] * shapes[name][1], size) for name, size in missed.items())
+
+    def compact(self, upto: int) -> None:
+        """Merge the entries of versions ≤ `upto` into one entry of version `upto` (per module the sum,
+        factored while that is smaller than m·n, else dense). Only for a log no holder of a version
+        between the first and `upto` will replay: `since(v)` for such a v would repeat changes."""
+        old = [(v, d) for v, d in self.entries if v <= upto]
+        if len(old) < 2:
+            return
+        merged: dict[str, list[Pair]] = {}
+        for _, per_module in old:
+            for name, pair in per_module.items():
+                merged.setdefault(name, []).append(pair)
+        self.entries = [(old[-1][0], {name: _merge(pairs) for name, pairs in merged.items()})] + \
+            [(v, d) for v, d in self.entries if v > upto]
 
     def cumulative(self) -> dict[str, np.ndarray]:
         """W_base − W0 per module (m, n), float64."""
         out: dict[str, np.ndarray] = {}
         for _, per_module in self.entries:
             for name, (u, v) in per_module.items():
-                out[name] = out.get(name, 0) + u @ v
+                out[name] = out.get(name, 0) + delta_matrix(u, v)
         return out
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        tensors = {f"{version}/{name}/{part}": np.ascontiguousarray(x)
-                   for version, per_module in self.entries for name, uv in per_module.items()
-                   for part, x in zip("uv", uv)}
-        return tensors, {str(version): sorted(per_module) for version, per_module in self.entries}
+        tensors = {}
+        entries = {}
+        for version, per_module in self.entries:
+            entries[str(version)] = {}
+            for name, (u, v) in per_module.items():
+                tensors[f"{version}/{name}/u"] = np.ascontiguousarray(u)
+                if v is not None:
+                    tensors[f"{version}/{name}/v"] = np.ascontiguousarray(v)
+                entries[str(version)][name] = "factored" if v is not None else "dense"
+        return tensors, {"entries": entries, "sizes": {str(v): s for v, s in self.sizes.items()}}
 
     def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        self.entries = [(int(v), {name: (np.array(tensors[f"{v}/{name}/u"]), np.array(tensors[f"{v}/{name}/v"]))
-                                  for name in names})
-                        for v, names in sorted(meta.items(), key=lambda kv: int(kv[0]))]
+        """Also reads the older format {version: [module, …]}, every entry factored."""
+        if "entries" not in meta:
+            meta = {"entries": {v: {name: "factored" for name in names} for v, names in meta.items()}}
+        self.entries = []
+        for v, kinds in sorted(meta["entries"].items(), key=lambda kv: int(kv[0])):
+            self.entries.append((int(v), {name: (np.array(tensors[f"{v}/{name}/u"]),
+                                                 np.array(tensors[f"{v}/{name}/v"]) if kind == "factored" else None)
+                                          for name, kind in kinds.items()}))
+        if "sizes" in meta:
+            self.sizes = {int(v): {name: int(n) for name, n in s.items()} for v, s in meta["sizes"].items()}
+        else:
+            self.sizes = {v: {name: BaseDelta(*pair).numel() for name, pair in d.items()} for v, d in self.entries}
+
+
+def _merge(pairs: list[Pair]) -> Pair:
+    """The sum of a module's pairs in its smaller form: the stacked factors, or dense."""
+    if all(v is not None for _, v in pairs):
+        m, n = pairs[0][0].shape[0], pairs[0][1].shape[1]
+        q = sum(u.shape[1] for u, _ in pairs)
+        if q * (m + n) <= m * n:
+            return np.concatenate([u for u, _ in pairs], axis=1), np.concatenate([v for _, v in pairs], axis=0)
+    return sum(delta_matrix(u, v) for u, v in pairs), None

@@ -15,9 +15,11 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from raysim.checkpoint import CheckpointError  # noqa: E402
 from raysim.errors import ConfigError  # noqa: E402
 
 EXIT_CONFIG = 2
+EXIT_FAILED = 3            # the run ended with status failed (federation.max_degraded_rounds)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -27,29 +29,25 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> int:
-    import yaml
-
-    from raysim.config import load_config, validate_config
     from raysim.runner import default_run_dir, run_experiment
 
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume: {run_dir} has no config.yaml (not a raysim run directory)")
-        if (run_dir / "summary.json").is_file():
-            raise ConfigError(f"--resume: {run_dir} already finished (summary.json exists)")
-        raw_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        cfg = validate_config(raw_cfg)
+        run_dir = args.resume                           # a local path or a filesystem URI (s3://...)
+        cfg = _resume_config(run_dir, args.set)
     else:
+        from raysim.config import load_config
+
         if args.config is None:
             raise ConfigError("raysim run: give a config file (or --resume DIR)")
         cfg = load_config(args.config, args.set)
-        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-        if (run_dir / "summary.json").exists():
-            raise ConfigError(f"--out: {run_dir} already holds a finished run; choose another directory")
+        run_dir = args.out or str(default_run_dir(cfg))
+        _claim_run_dir(run_dir, args.overwrite)
     # run_experiment prepares the data before it starts Ray: data errors surface there, before any Ray work
     summary = run_experiment(cfg, run_dir, address=args.address, verbose=args.verbose, resume=bool(args.resume),
                              progress=not args.no_progress)
+    if summary.get("status") == "failed":
+        print(f"raysim: run failed: {summary.get('failure')} ({run_dir})", file=sys.stderr)
+        return EXIT_FAILED
     final = summary["final"]
     shown = [f"final {k} {final[k]:.4f}" for k in ("accuracy", "exact_match", "perplexity")
              if final.get(k) is not None]
@@ -57,6 +55,59 @@ def cmd_run(args) -> int:
         shown.append(f"deviation_rel {final['deviation_rel']:.2e}")
     print("  ".join([f"done: {run_dir}", *shown]))
     return 0
+
+
+# keys `--resume DIR --set` may change: they extend or tune the run without changing what a round computes
+RESUME_KEYS = ("federation.rounds", "federation.round_timeout_s", "federation.hung_after_s",
+               "output.checkpoint_every", "resources.num_workers")
+
+
+def _resume_config(run_dir: str, overrides: list[str]):
+    """The interrupted run's config, with the few keys that may change on resume (more rounds, deadlines)."""
+    from raysim.config import apply_overrides, parse_override, parse_yaml_text, validate_config
+    from raysim.storage import RunStorage
+
+    storage = RunStorage.of(run_dir)
+    if not storage.is_file("config.yaml"):
+        raise ConfigError(f"--resume: {run_dir} has no config.yaml (not a raysim run directory)")
+    finished = storage.is_file("summary.json")
+    for item in overrides:
+        key = ".".join(parse_override(item)[0])
+        if key not in RESUME_KEYS:
+            raise ConfigError(f"--set {key}: cannot change when resuming (the rounds already run would belong to "
+                              f"another experiment); allowed with --resume: {', '.join(RESUME_KEYS)}")
+    raw = parse_yaml_text(storage.read_text("config.yaml"), storage.uri("config.yaml"))
+    done = raw.get("federation", {}).get("rounds")
+    cfg = validate_config(apply_overrides(raw, overrides))
+    if done is not None and cfg.federation.rounds < done:
+        raise ConfigError(f"--set federation.rounds: {cfg.federation.rounds} is fewer than the run's {done}; a "
+                          "resumed run can only be extended")
+    if finished and cfg.federation.rounds == done:
+        raise ConfigError(f"--resume: {run_dir} already finished all {done} rounds; to continue it, give more: "
+                          f"--set federation.rounds=N with N > {done}")
+    if overrides:
+        from raysim.metrics import RunWriter
+
+        RunWriter(storage).write_config(cfg.to_yaml_dict())
+    if finished:                                  # extended: no longer complete until the new rounds are done
+        storage.delete("summary.json")
+    return cfg
+
+
+def _claim_run_dir(run_dir: str, overwrite: bool) -> None:
+    """A new run needs an empty (or new) directory: never mix two runs or delete one by accident."""
+    from raysim.storage import RunStorage
+
+    if "://" not in run_dir and Path(run_dir).is_file():
+        raise ConfigError(f"--out: {run_dir} is a file, not a directory")
+    storage = RunStorage.of(run_dir)
+    if not storage.listdir():
+        return
+    if not overwrite:
+        what = "a finished run" if storage.is_file("summary.json") else "files (an unfinished run?)"
+        raise ConfigError(f"--out: {run_dir} already holds {what}; continue it with --resume {run_dir}, replace it "
+                          f"with --overwrite, or choose another directory")
+    storage.delete_dir("")
 
 
 def cmd_aggregators(args) -> int:
@@ -92,7 +143,10 @@ def build_parser(extras: bool = True) -> argparse.ArgumentParser:
                      "union's tag (data.partition.scheme, lora.rank.scheme, aggregator.name) switches the section "
                      "to that variant and drops the keys it lacks (named on stderr)")
     run.add_argument("--out", help="run directory (default runs/<name>-<timestamp>)")
-    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its newest intact "
+                     "checkpoint; --set may then change only " + ", ".join(RESUME_KEYS))
+    run.add_argument("--overwrite", action="store_true", help="delete what --out already holds and start afresh "
+                     "(without it a non-empty --out is refused)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(run)
     run.set_defaults(func=cmd_run)
@@ -135,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"raysim: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except CheckpointError as exc:            # --resume: a checkpoint of another config, or none intact
+        print(f"raysim: error: --resume: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         print("raysim: interrupted", file=sys.stderr)

@@ -264,15 +264,42 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
+MAX_YAML_NODES = 200_000        # values in a config or sweep file once aliases are expanded
+
+
+def _expanded_size(node, seen: dict[int, int]) -> int:
+    """How many YAML nodes `node` stands for with every alias expanded (memoised: linear in the file)."""
+    key = id(node)
+    if key not in seen:
+        seen[key] = 1                                   # a recursive alias counts once
+        children = node.value if isinstance(node.value, list) else []
+        total = 1
+        for child in children:
+            parts = child if isinstance(child, tuple) else (child,)
+            total += sum(_expanded_size(part, seen) for part in parts)
+        seen[key] = min(total, MAX_YAML_NODES + 1)
+    return seen[key]
+
+
+def parse_yaml_text(text: str, where: str) -> Any:
+    """Safe YAML, refusing documents whose aliases expand past MAX_YAML_NODES values (a "YAML bomb" would
+    otherwise exhaust memory when the result is copied, validated or serialised)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: more than {MAX_YAML_NODES:,} values once its aliases (*name) are "
+                              "expanded; refused (write the values out)")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({exc})") from None
+
+
 def read_yaml_file(path: str | Path, what: str) -> Any:
-    """The parsed YAML of a file; a ConfigError when it is missing or not YAML."""
+    """The parsed YAML of a file; a ConfigError when it is missing, not YAML, or a YAML bomb."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    return parse_yaml_text(p.read_text(), str(p))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

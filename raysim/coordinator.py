@@ -1,6 +1,6 @@
 """The Coordinator actor: the round loop and the server state.
 
-A round, top-down (`run_round`): sample → plan → dispatch → aggregate → evaluate → record. Each kind of
+A round, top-down (`run_round`): sample → plan → dispatch → screen → aggregate → evaluate → record. Each kind of
 state has one small owner: the aggregator (global adapter, its declared per-client state), `HeadState`
 (classifier heads), `BaseDeltaLog` (factored changes of the frozen base), `CommLedger` (who holds which
 base version; bytes on the wire), `FaultInjector` (injected faults) and the `WorkerPool`.
@@ -32,10 +32,11 @@ from raysim.ledger import CommLedger
 from raysim.lora.factors import Factors, LoRAFactors, deviation, normalise_weights
 from raysim.pool import JobOutcome, WorkerPool, WorkerSpec
 from raysim.ranks import assign_ranks, check_ranks_fit, scale_for
-from raysim.records import client_row, frozen_changed, global_tensors, upload_tensors, weighted
+from raysim.records import PERSONAL_METRICS, client_row, frozen_changed, global_tensors, upload_tensors, weighted
 from raysim.sampling import ClientSampler
 from raysim.seeds import client_seed
 from raysim.tasks import ROW_METRICS, task_for
+from raysim.validation import clip_update, rejection_reason
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Pending:
 
     evaluation: list = field(default_factory=list)      # EvalResult shards of the global evaluation
     deviation: Any = None                               # (deviation_rel, deviation_rel_round)
+    personal: list = field(default_factory=list)        # [(client id, EvalResult)] shards, personalised evaluation
+    personal_weights: dict[int, float] = field(default_factory=dict)   # p_k of the personally evaluated clients
 
 
 @dataclass
@@ -74,22 +77,36 @@ class Aggregated:
     old_global: Factors
 
 
-def _deviation(per_module, new_global, base_delta, old_global) -> tuple[float | None, float | None]:
-    rep = deviation(per_module, new_global, base_delta, old_global)
+def blas_threads(cfg: ExperimentConfig) -> int:
+    """BLAS threads for the server-side math: the CPUs the workers leave free (Ray would give this num_cpus=0
+    actor a single thread)."""
+    import os
+
+    taken = cfg.resources.num_workers * cfg.resources.cpus_per_worker
+    return max(1, int((os.cpu_count() or 1) - taken))
+
+
+def _deviation(per_module, new_global, base_delta, old_global, threads: int = 1) -> tuple[float | None, float | None]:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(threads):
+        rep = deviation(per_module, new_global, base_delta, old_global)
     return rep.deviation_rel, rep.deviation_rel_round
 
 
 deviation_task = ray.remote(num_cpus=0)(_deviation)
 
 
-def _local_mean(results, attr: str) -> float | None:
-    """The sample-weighted mean of a per-client local-evaluation value over the clients that have one."""
-    have = [r for r in results if getattr(r, attr) is not None]
-    return weighted([getattr(r, attr) for r in have], [r.num_samples for r in have])
+def _pairs(delta) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """A {module: BaseDelta} as the (u, v) pairs workers fold into their base."""
+    return None if not delta else {name: (d.u, d.v) for name, d in delta.items()}
 
 
 class CoordinatorImpl:
     def __init__(self, cfg: ExperimentConfig, raw, partition: dict[str, Any], spec: WorkerSpec, workers: list):
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(blas_threads(cfg))             # server math: the CPUs the workers leave free
         self.cfg = cfg
         self.test_idx = np.asarray(partition["test_idx"])
         self.client_train = [np.asarray(x) for x in partition["client_train"]]
@@ -114,7 +131,8 @@ class CoordinatorImpl:
         self.aggregator.setup(init_factors, self.ranks, scale_for(cfg), cfg.seed)
         self.heads = HeadState(head, cfg.lora.head_policy, cfg.lora.train_head)
         self.ledger = CommLedger(cfg.federation.num_clients, shapes, self.heads.numel_on_wire())
-        self.eval_inputs: dict[int, tuple] = {}               # the last rounds' (factors, head) refs
+        self.eval_inputs: dict[int, tuple] = {}               # the last rounds' (factors, head, delta) refs
+        self.personal_inputs: dict[int, list] = {}            # the last rounds' personalised evaluation items
         self.started = time.time()
         self.elapsed_before = 0.0
 
@@ -124,6 +142,10 @@ class CoordinatorImpl:
         nothing to the loss)."""
         return {"examples_truncated": getattr(self.task, "truncated", 0),
                 "examples_prompt_too_long": getattr(self.task, "prompt_too_long", 0)}
+
+    def reevaluate_personal(self, rnd: int):
+        """Round `rnd`'s personalised evaluation again, after a worker holding a part of it was lost."""
+        return self.pool.evaluate_clients_now(self.personal_inputs[rnd], self.cfg.federation.round_timeout_s)
 
     def reevaluate(self, rnd: int):
         """Round `rnd`'s global evaluation again, after a worker holding a shard of it was lost (the driver
@@ -139,6 +161,7 @@ class CoordinatorImpl:
         sampled = self.sampler.sample(rnd)
         plan = self.plan(rnd, sampled)
         outcomes = self.dispatch(rnd, plan)
+        self.screen(plan, outcomes)
         agg = self.aggregate(rnd, plan, outcomes)
         pending = self.evaluate(rnd, agg)
         return self.record(rnd, time.perf_counter() - t0, plan, outcomes, agg, pending)
@@ -154,10 +177,27 @@ class CoordinatorImpl:
 
     def dispatch(self, rnd: int, plan: RoundPlan) -> dict[int, JobOutcome]:
         """Train the clients on the workers (deadline, retries, stragglers)."""
-        jobs = [self._job(rnd, cid, p) for cid, p in plan.clients.items()]
         fed = self.cfg.federation
+        deadline = time.time() + fed.round_timeout_s
+        jobs = [self._job(rnd, cid, p, deadline) for cid, p in plan.clients.items()]
         return self.pool.run_jobs(jobs, fed.round_timeout_s, fed.max_task_retries,
                                   kill_after_submit=self.faults.kill_worker_in(rnd))
+
+    def screen(self, plan: RoundPlan, outcomes: dict[int, JobOutcome]) -> None:
+        """Server-side validation of the uploads: a non-finite, wrongly shaped or over-norm one is `rejected`
+        (with its reason) and left out of the aggregate; accepted ones are clipped to
+        federation.clip_update_norm when that is set."""
+        fed = self.cfg.federation
+        for cid, outcome in outcomes.items():
+            if outcome.status != "ok":
+                continue
+            p, got = plan.clients[cid], outcome.result
+            reason = rejection_reason(p.start, got.factors, p.train, self.heads.start_for(cid), got.head,
+                                      fed.max_update_norm)
+            if reason is not None:
+                outcomes[cid] = JobOutcome("rejected", got, outcome.worker, f"rejected: {reason}")
+            elif fed.clip_update_norm is not None:
+                got.factors = clip_update(p.start, got.factors, p.train, fed.clip_update_norm)
 
     def aggregate(self, rnd: int, plan: RoundPlan, outcomes: dict[int, JobOutcome]) -> Aggregated:
         """Fold the completed clients into the global adapter, the heads and the base-delta log."""
@@ -175,15 +215,32 @@ class CoordinatorImpl:
     def evaluate(self, rnd: int, agg: Aggregated) -> Pending:
         """Start the global evaluation and the deviation metric; neither blocks the next round."""
         pending = Pending()
+        if (rnd % self.cfg.eval.every == 0 or rnd == self.cfg.federation.rounds) and self._personal_eval():
+            self._evaluate_personal(rnd, agg, pending)
         if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.federation.rounds:
-            inputs = (ray.put(self.aggregator.evaluation_factors()), ray.put(self.heads.global_head))
+            inputs = (ray.put(self.aggregator.evaluation_factors()), ray.put(self.heads.global_head),
+                      ray.put(_pairs(self.aggregator.evaluation_base_delta())))
             self.eval_inputs = {r: v for r, v in self.eval_inputs.items() if r >= rnd - 1} | {rnd: inputs}
             pending.evaluation = self.pool.submit_evaluation(*inputs, self.test_idx, self.gen_idx)
-        if agg.updates and agg.result.deviation_rel is None and not self.aggregator.personalized:
-            per_module = {name: [(u.weight, u.factors[name]) for u in agg.updates] for name in agg.updates[0].factors}
+            if self.faults.kill_worker_in(rnd, "evaluation"):
+                self.pool.kill_one()
+        due = rnd % self.cfg.eval.deviation_every == 0 or rnd == self.cfg.federation.rounds
+        if due and agg.updates and agg.result.deviation_rel is None and not self.aggregator.personalized:
+            updates = sorted(agg.updates, key=lambda u: u.client_id)      # order-independent round-off
+            per_module = {name: [(u.weight, u.factors[name]) for u in updates] for name in updates[0].factors}
             pending.deviation = deviation_task.remote(per_module, self.aggregator.global_factors,
-                                                      agg.result.base_delta, agg.old_global)
+                                                      agg.result.base_delta, agg.old_global, blas_threads(self.cfg))
         return pending
+
+    def _evaluate_personal(self, rnd: int, agg: Aggregated, pending: Pending) -> None:
+        """Personalised evaluation: each client aggregated this round, on its own local test split, with the
+        model it holds after aggregation (what it would start the next round from: for FedSA-LoRA its own B
+        with the new shared A, for CE-LoRA its mixed core, under a local head its own head)."""
+        items = [(u.client_id, self.aggregator.plan(rnd + 1, u.client_id).start, self.heads.start_for(u.client_id),
+                  self.client_test[u.client_id]) for u in agg.updates if len(self.client_test[u.client_id])]
+        self.personal_inputs = {r: v for r, v in self.personal_inputs.items() if r >= rnd - 1} | {rnd: items}
+        pending.personal = self.pool.submit_clients_evaluation(items)
+        pending.personal_weights = {u.client_id: u.weight for u in agg.updates}
 
     def record(self, rnd: int, round_time: float, plan: RoundPlan, outcomes: dict[int, JobOutcome],
                agg: Aggregated, pending: Pending) -> RoundOutput:
@@ -194,8 +251,7 @@ class CoordinatorImpl:
                           group_names=getattr(self.task, "group_names", []))
         if cfg.output.save_updates:
             out.uploads = {u.client_id: upload_tensors(u, plan.clients[u.client_id]) for u in agg.updates}
-            delta = self.base_log.cumulative() if self.aggregator.changes_base else None
-            out.global_tensors = global_tensors(self.aggregator.global_factors, delta)
+            out.global_tensors = global_tensors(self.aggregator.global_factors, self._model_base_delta())
         every = cfg.output.checkpoint_every
         if every and (rnd % every == 0 or rnd == cfg.federation.rounds):
             out.checkpoint = self.state_dict(rnd)
@@ -203,17 +259,17 @@ class CoordinatorImpl:
 
     # ------------------------------------------------------------------------------------------------ parts
 
-    def _job(self, rnd: int, cid: int, plan: ClientPlan) -> ClientJob:
+    def _job(self, rnd: int, cid: int, plan: ClientPlan, deadline: float) -> ClientJob:
         cfg = self.cfg
         train_idx = self.client_train[cid]
         steps = cfg.train.local_steps
         if cfg.train.local_epochs is not None:
             steps = max(1, int(np.ceil(cfg.train.local_epochs * len(train_idx) / cfg.train.batch_size)))
         return ClientJob(client_id=cid, round=rnd, seed=client_seed(cfg.seed, rnd, cid), train_idx=train_idx,
-                         test_idx=self.client_test[cid] if self._personal_eval() else None,
+                         test_idx=None,
                          start=plan.start, head=self.heads.start_for(cid), train=plan.train, steps=steps,
                          lr_scale=dict(plan.lr_scale), fault=self.faults.for_client(rnd, cid),
-                         client_hook=plan.client_hook)
+                         client_hook=plan.client_hook, deadline=deadline)
 
     def _updates(self, plans: dict[int, ClientPlan], outcomes: dict[int, JobOutcome]) -> list[ClientUpdate]:
         """End-of-round factors (frozen factors are the start ones, bit for bit), weights p_k."""
@@ -252,16 +308,19 @@ class CoordinatorImpl:
              agg: Aggregated) -> dict[str, Any]:
         wire = self.cfg.output.wire_dtype_bytes
         done = [outcomes[u.client_id].result for u in agg.updates]
-        personal = self._personal_eval()
-        up = sum(self.ledger.upload_numel(plan.clients[r.client_id], r.hook_output) for r in done)
+        sent = [o.result for o in outcomes.values() if o.result is not None]      # accepted and rejected uploads
+        up = sum(self.ledger.upload_numel(plan.clients[r.client_id], r.hook_output) for r in sent)
+        needed = self.cfg.federation.min_completed_fraction * len(outcomes)
         row = {"round": rnd, "wall_s": self.elapsed_before + (time.time() - self.started),
                "round_time_s": round_time, **dict.fromkeys(ROW_METRICS),
-               "personalized_accuracy": _local_mean(done, "local_accuracy") if personal else None,
-               "personalized_loss": _local_mean(done, "local_loss") if personal else None,
-               "deviation_rel": agg.result.deviation_rel, "deviation_rel_round": None,
+               **dict.fromkeys(PERSONAL_METRICS),
+               "deviation_rel": agg.result.deviation_rel, "deviation_rel_round": agg.result.deviation_rel_round,
                "bytes_up": int(up * wire), "bytes_down": int(plan.download_numel * wire),
                "clients_sampled": len(outcomes), "clients_completed": len(done),
+               "workers": len(self.pool.members.usable()),
                "clients_failed": sum(o.status != "ok" for o in outcomes.values()),
+               "clients_rejected": sum(o.status == "rejected" for o in outcomes.values()),
+               "status": "degraded" if not done or len(done) < needed else "ok",
                "train_loss": weighted([r.train_loss for r in done], [r.num_samples for r in done]),
                "aggregator": self.aggregator.name}
         row.update({f"agg_{k}": float(v) for k, v in agg.result.stats.items()})
@@ -304,12 +363,18 @@ class CoordinatorImpl:
 
     def final_adapter(self, base_model_name: str) -> tuple[dict[str, bytes], dict[str, np.ndarray] | None]:
         """(PEFT adapter directory files, cumulative base delta per module or None)."""
-        files = self.pool.call_first("export_adapter", self.aggregator.evaluation_factors(),
-                                     self.heads.global_head, base_model_name)
-        delta = None
-        if self.aggregator.changes_base:
-            delta = {name: d.astype(np.float32) for name, d in self.base_log.cumulative().items()}
-        return files, delta
+        files = self.pool.call_live("export_adapter", self.aggregator.evaluation_factors(),
+                                    self.heads.global_head, base_model_name)
+        delta = self._model_base_delta()
+        return files, None if delta is None else {name: d.astype(np.float32) for name, d in delta.items()}
+
+    def _model_base_delta(self) -> dict[str, np.ndarray] | None:
+        """The global model's change of the frozen base, dense per module: what the base log folded in
+        (FedEx, FLoRA) plus what only the global model carries (FlexLoRA's part beyond r_max), or None."""
+        delta = self.base_log.cumulative() if self.aggregator.changes_base else {}
+        for name, d in (self.aggregator.evaluation_base_delta() or {}).items():
+            delta[name] = delta.get(name, 0) + d.dense()
+        return delta or None
 
     def shutdown(self) -> None:
         self.pool.shutdown()

@@ -38,9 +38,10 @@ def load_run_model(run_dir: str | Path):
     return model.eval(), cfg, raw, partition
 
 
-def evaluate_run(run_dir: str | Path, batch_size: int = 64) -> dict[str, float | None]:
+def evaluate_run(run_dir: str | Path, batch_size: int = 64, client: int | None = None) -> dict[str, float | None]:
     """The final model's metrics on the run's global test split (accuracy and loss; for causal_lm loss,
-    perplexity and exact_match on the same generation subset as the run)."""
+    perplexity and exact_match on the same generation subset as the run), or on one client's local test
+    split (`client`)."""
     import torch
 
     from raysim.engines.peft_engine import DataArrays
@@ -49,8 +50,9 @@ def evaluate_run(run_dir: str | Path, batch_size: int = 64) -> dict[str, float |
     model, cfg, raw, partition = load_run_model(run_dir)
     task = task_for(cfg)
     data = DataArrays(task.arrays(raw), torch.device("cpu"))
-    idx = np.asarray(partition["test_idx"])
+    idx = np.asarray(partition["test_idx"] if client is None else partition["client_test"][client])
+    gen = task.generation_subset(idx, cfg.seed) if client is None else None
     with torch.no_grad():
-        total = task.evaluate(model, data, idx, batch_size, contextlib.nullcontext, task.generation_subset(idx, cfg.seed))
+        total = task.evaluate(model, data, idx, batch_size, contextlib.nullcontext, gen)
     metrics = total.metrics()
     return {k: v for k, v in metrics.items() if k in task.metrics}

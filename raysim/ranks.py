@@ -13,7 +13,6 @@ from raysim.models import target_modules
 from raysim.seeds import RANK_QUALITY, RANK_TIERS, derive_seed
 
 
-
 def tier_counts(fractions: list[float], n: int) -> list[int]:
     """Exact counts round(fraction·N) per tier, the remainder (±) going to the first tier."""
     counts = [int(round(f * n)) for f in fractions]
@@ -77,10 +76,17 @@ def _by_quality(cfg: ExperimentConfig, spec: RankByQuality) -> dict[int, int]:
 
 
 def scale_for(cfg: ExperimentConfig):
-    """s(r): PEFT's alpha / r for one shared rank; with mixed ranks one scale alpha / r_max for every
-    client, so slot-wise averages combine columns of equal magnitude (docs/algorithms.md, "Mixed ranks")."""
+    """s(r), the LoRA scale of a client of rank r (docs/algorithms.md, "Mixed ranks").
+
+    One rank for everyone: PEFT's alpha / r. Mixed ranks, `lora.mixed_rank_scale`:
+    - `shared` (default): alpha / r_max for every client, so the slot-wise averages of the padding methods
+      combine columns trained at one scale, and alpha keeps the meaning it has in an r_max run;
+    - `per_rank`: alpha / r_k, what PEFT gives each client on its own (low-rank clients get larger scales).
+    """
     alpha = cfg.lora.alpha
     if isinstance(cfg.lora.rank, int):
+        return lambda r: alpha / r
+    if cfg.lora.mixed_rank_scale == "per_rank":
         return lambda r: alpha / r
     r_max = cfg.lora.max_rank()
     return lambda r: alpha / r_max

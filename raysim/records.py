@@ -21,6 +21,23 @@ def weighted(values: list[float], weights: list[float]) -> float | None:
     return float(np.average(values, weights=weights)) if values else None
 
 
+PERSONAL_METRICS = ("personalized_accuracy", "personalized_accuracy_mean", "personalized_accuracy_p10",
+                    "personalized_loss")
+
+
+def personal_summary(results: dict[int, Any], weights: dict[int, float]) -> dict[str, float | None]:
+    """rounds.parquet's personalised columns from each client's evaluation (an EvalResult) on its own local
+    test split: accuracy as the p-weighted mean (p_k = the client's aggregation weight), the unweighted mean
+    and the 10th percentile over clients; the loss as the p-weighted mean."""
+    acc = {c: r.accuracy for c, r in results.items() if r.accuracy is not None}
+    loss = {c: r.loss for c, r in results.items() if r.loss is not None}
+    values = list(acc.values())
+    return {"personalized_accuracy": weighted(values, [weights[c] for c in acc]) if sum(weights[c] for c in acc) else None,
+            "personalized_accuracy_mean": float(np.mean(values)) if values else None,
+            "personalized_accuracy_p10": float(np.percentile(values, 10)) if values else None,
+            "personalized_loss": weighted(list(loss.values()), [weights[c] for c in loss]) if sum(weights[c] for c in loss) else None}
+
+
 def client_row(rnd: int, cid: int, rank: int, plan: ClientPlan, outcome, num_samples: int, noisy: bool,
                bytes_up: int) -> dict[str, Any]:
     r = outcome.result
@@ -28,9 +45,9 @@ def client_row(rnd: int, cid: int, rank: int, plan: ClientPlan, outcome, num_sam
             "rank": next((f.rank for f in plan.start.values()), rank),
             "noisy": noisy, "num_samples": num_samples,
             "train_loss": r.train_loss if r else None, "train_time_s": r.train_time_s if r else None,
-            "bytes_up": bytes_up if r else 0, "local_accuracy": r.local_accuracy if r else None,
-            "local_loss": r.local_loss if r else None,
-            "status": outcome.status}
+            "bytes_up": bytes_up if r else 0,
+            "local_accuracy": None, "local_loss": None,    # personalised evaluation, filled in when it ends
+            "status": outcome.status, "error": outcome.error or None}
 
 
 def upload_tensors(update: ClientUpdate, plan: ClientPlan) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.metrics import RunWriter
+from raysim.storage import RunStorage
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,11 +33,12 @@ def prepare_data(cfg: ExperimentConfig):
     """Load the source and partition it; every data mistake is a ConfigError raised here, before Ray."""
     from raysim.data.federated import split_and_partition
     from raysim.data.sources import load_source
-    from raysim.models import check_model_name, modules_to_save, target_modules
+    from raysim.lora.targets import check_target_modules
+    from raysim.models import architecture, check_model_name, modules_to_save, target_modules
 
     try:
         check_model_name(cfg.model.name, cfg.model.max_length, task=cfg.task.type)
-        target_modules(cfg)                               # named, or a default for the architecture
+        check_target_modules(target_modules(cfg), architecture(cfg.model.name))   # named, or the default
         modules_to_save(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -45,12 +47,24 @@ def prepare_data(cfg: ExperimentConfig):
     check_ranks_fit(cfg)                                  # rank <= min(m, n), from the model's config
     _check_task_keys(cfg)
     raw = load_source(cfg.data, cfg.seed, task=cfg.task.type)
+    _check_texts(cfg, raw)
     _check_prompts_fit(cfg, raw)
     if cfg.eval.group_by and cfg.eval.group_by not in raw.columns:
         raise ConfigError(f"eval.group_by: column {cfg.eval.group_by!r} not found; columns: "
                           f"{', '.join(sorted(raw.columns)) or '(none besides the text and the label)'}")
     test_idx, client_train, client_test = split_and_partition(raw, cfg)
     return raw, {"test_idx": test_idx, "client_train": client_train, "client_test": client_test}
+
+
+def _check_texts(cfg: ExperimentConfig, raw) -> None:
+    """A text column with nothing in it would train on empty strings: refuse it, naming the column."""
+    columns = [("data.text_column", cfg.data.text_column, raw.texts)]
+    if raw.text_pairs is not None:
+        columns.append(("data.text_pair_column", cfg.data.text_pair_column, raw.text_pairs))
+    for key, column, texts in columns:
+        if texts is not None and len(texts) and not any(str(t).strip() for t in texts):
+            raise ConfigError(f"{key}: every value of column {column!r} is empty ({len(texts)} rows); "
+                              f"point {key} at the column that holds the text")
 
 
 def _check_prompts_fit(cfg: ExperimentConfig, raw) -> None:
@@ -126,41 +140,44 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, address: str | None = None, verbose: bool = False,
+def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str | None = None, verbose: bool = False,
                    resume: bool = False, progress: bool = True,
                    on_round: Callable[[dict[str, Any], Any], None] | None = None,
                    prepared=None) -> dict[str, Any]:
-    """Run (or resume) one simulation into `run_dir`; returns the summary dict (with `startup_phases`).
-
-    on_round(row, checkpoint_dir) is called after each round is written (Tune reports through it).
-    """
+    """Run (or resume) one simulation into `run_dir` (a local path or a URI such as s3://bucket/run); returns
+    the summary dict (with `startup_phases`). on_round(row, checkpoint) runs after each round is written."""
     import ray
 
+    from raysim.checkpoint import config_hash, load_newest_intact
     from raysim.tasks import logged_metrics
 
     clock = PhaseClock()
     raw, partition = prepared if prepared is not None else prepare_data(cfg)
     clock.lap("data_s")
     writer = RunWriter(run_dir)
+    cfg_hash = config_hash(cfg.to_yaml_dict())
+    found = load_newest_intact(run_dir, config_hash=cfg_hash) if resume else None   # checked before Ray starts
     if not resume:
         writer.write_config(cfg.to_yaml_dict())
     started_ray = start_ray(address, cfg, verbose)
     clock.lap("ray_init_s")
     session = None
     try:
+        _refuse_node_local(run_dir)
         session = Session.start(cfg, raw, partition)
         _warn_truncation(session.data_report, cfg)
-        first_round = session.restore(run_dir, writer) if resume else 1
+        first_round = session.restore(found, writer) if resume else 1
         clock.lap("workers_ready_s")
         with _progress(progress, cfg, first_round) as bar:
-            recorder = Recorder(session.coordinator, writer, run_dir, bar, on_round, logged_metrics(cfg))
-            drive_rounds(session.coordinator, recorder, first_round, cfg, clock)
-        files, base_delta = ray.get(session.coordinator.final_adapter.remote(_base_name(cfg)), timeout=600)
-        writer.write_adapter(files, base_delta)
+            recorder = Recorder(session.coordinator, writer, run_dir, bar, on_round, logged_metrics(cfg), cfg_hash)
+            failure = drive_rounds(session.coordinator, recorder, first_round, cfg, clock)
+        if failure is None:                            # a failed run gets no adapter: it is not a result
+            _export_adapter(session, writer, cfg, int(raw.num_labels))
         summary = writer.write_summary(cfg.to_yaml_dict(), {
-            "data": session.data_report,
+            "status": "failed" if failure else "completed", "failure": failure, "data": session.data_report,
             "setup_s": clock.phases["data_s"] + clock.phases["ray_init_s"] + clock.phases["workers_ready_s"],
-            "total_s": clock.elapsed(), "gpus_per_worker": session.spec.gpus, "run_dir": str(run_dir)})
+            "total_s": clock.elapsed(), "gpus_per_worker": session.spec.gpus,
+            "run_dir": RunStorage.of(run_dir).uri()})
     finally:
         clock.lap(None)
         if session is not None:
@@ -170,6 +187,16 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, *, address: str | None 
         clock.lap("teardown_s")
     summary["startup_phases"] = clock.summary()
     return summary
+
+
+def _export_adapter(session: "Session", writer: RunWriter, cfg: ExperimentConfig, num_labels: int) -> None:
+    """The final global model as a portable PEFT adapter directory (+ base delta), from a live worker."""
+    import ray
+
+    from raysim.export import portable_adapter_files
+
+    files, base_delta = ray.get(session.coordinator.final_adapter.remote(_base_name(cfg)), timeout=900)
+    writer.write_adapter(portable_adapter_files(files, cfg, num_labels, base_delta is not None), base_delta)
 
 
 class PhaseClock:
@@ -218,7 +245,7 @@ class Session:
 
         spec = WorkerSpec(cfg, int(raw.num_labels), cfg.resources.cpus_per_worker, resolve_gpus(cfg))
         workers = spawn_workers(spec)              # they import torch and build the model from now on
-        coordinator = Coordinator.remote(cfg, raw, partition, spec, workers)
+        coordinator = Coordinator.options(**_on_head_node()).remote(cfg, raw, partition, spec, workers)
         session = cls(spec, workers, coordinator)
         try:
             session.data_report = ray.get(coordinator.ready.remote(), timeout=900)
@@ -230,16 +257,14 @@ class Session:
             raise
         return session
 
-    def restore(self, run_dir: Path, writer: RunWriter) -> int:
-        """Resume from the newest checkpoint (if any); returns the first round to run."""
+    def restore(self, found, writer: RunWriter) -> int:
+        """Resume from the newest intact checkpoint `found` ((tensors, meta, name) or None: from the start);
+        returns the first round to run."""
         import ray
 
-        from raysim.checkpoint import latest_checkpoint, load_checkpoint
-
-        ckpt = latest_checkpoint(run_dir)
         done = 0
-        if ckpt is not None:
-            tensors, meta = load_checkpoint(ckpt)
+        if found is not None:
+            tensors, meta, _ = found
             done = ray.get(self.coordinator.load_state_dict.remote(tensors, meta), timeout=600)
         writer.load_existing(done)
         return done + 1
@@ -258,8 +283,10 @@ class Session:
                 pass
 
 
-def drive_rounds(coordinator, recorder: "Recorder", first_round: int, cfg: ExperimentConfig, clock: PhaseClock) -> None:
-    """Pipelined: ask for round r+1 before recording round r, so recording never delays training."""
+def drive_rounds(coordinator, recorder: "Recorder", first_round: int, cfg: ExperimentConfig,
+                 clock: PhaseClock) -> str | None:
+    """Pipelined: ask for round r+1 before recording round r, so recording never delays training. Returns why
+    the run failed (more degraded rounds than federation.max_degraded_rounds), or None."""
     import ray
 
     last = cfg.federation.rounds
@@ -273,30 +300,41 @@ def drive_rounds(coordinator, recorder: "Recorder", first_round: int, cfg: Exper
         if rnd < last:
             ref = coordinator.run_round.remote(rnd + 1)
         recorder.record(out, cfg.federation.round_timeout_s)
+        limit = cfg.federation.max_degraded_rounds
+        if limit is not None and recorder.degraded > limit:
+            clock.lap(None)
+            return (f"{recorder.degraded} degraded rounds (fewer than federation.min_completed_fraction "
+                    f"{cfg.federation.min_completed_fraction} of the sampled clients aggregated) exceed "
+                    f"federation.max_degraded_rounds {limit}; stopped after round {rnd}")
     clock.lap(None)
+    return None
 
 
 class Recorder:
     """Completes and writes one round: waits for its evaluation and deviation metric, then writes the rows,
     the wire dump and the checkpoint, updates the progress bar and calls `on_round`."""
 
-    def __init__(self, coordinator, writer: RunWriter, run_dir: Path, bar, on_round, logged: tuple[str, ...]):
+    def __init__(self, coordinator, writer: RunWriter, run_dir, bar, on_round, logged: tuple[str, ...],
+                 cfg_hash: str | None = None):
         self.coordinator = coordinator
         self.logged = logged                       # the metric columns this run fills
         self.writer = writer
         self.run_dir = run_dir
+        self.cfg_hash = cfg_hash                   # stored in every checkpoint; --resume checks it
         self.bar = bar
         self.on_round = on_round
+        self.degraded = sum(r.get("status") == "degraded" for r in writer.rounds)     # incl. resumed rounds
 
     def record(self, out, timeout_s: float) -> None:
         from raysim.checkpoint import save_checkpoint
 
         groups = self._resolve(out, timeout_s)
         rnd = out.row["round"]
+        self.degraded += out.row["status"] == "degraded"
         self.writer.add_round(out.row, out.clients, groups)
         if out.global_tensors is not None:
             self.writer.write_updates(rnd, out.uploads, out.global_tensors)
-        ckpt_dir = save_checkpoint(self.run_dir, *out.checkpoint) if out.checkpoint else None
+        ckpt_dir = save_checkpoint(self.run_dir, *out.checkpoint, config_hash=self.cfg_hash) if out.checkpoint else None
         self.bar(out.row)
         if self.on_round is not None:
             self.on_round(out.row, ckpt_dir)
@@ -315,7 +353,32 @@ class Recorder:
             groups = group_rows(row["round"], total, out.group_names)
         if pending.deviation is not None:
             row["deviation_rel"], row["deviation_rel_round"] = ray.get(pending.deviation, timeout=timeout_s)
+        if pending.personal:
+            self._personal(out, timeout_s)
         return groups
+
+    def _personal(self, out, timeout_s: float) -> None:
+        """Personalised evaluation: the row's summary and each evaluated client's local accuracy and loss."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        from raysim.records import personal_summary
+
+        rnd = out.row["round"]
+        refs = out.pending.personal
+        try:
+            _, missing = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            pairs = None if missing else [pair for part in ray.get(refs) for pair in part]
+        except RayActorError:
+            pairs = None
+        if pairs is None:                               # a worker was lost or hangs: evaluated again
+            pairs = ray.get(self.coordinator.reevaluate_personal.remote(rnd), timeout=timeout_s * 3 + 600)
+        results = dict(pairs)
+        out.row.update(personal_summary(results, out.pending.personal_weights))
+        for client in out.clients:
+            if client["client_id"] in results:
+                client["local_accuracy"] = results[client["client_id"]].accuracy
+                client["local_loss"] = results[client["client_id"]].loss
 
     def _evaluation(self, rnd: int, refs: list, timeout_s: float):
         """The summed evaluation shards; if a worker holding one was lost, the coordinator evaluates again."""
@@ -325,12 +388,34 @@ class Recorder:
         from raysim.engines.base import EvalResult
 
         ready, missing = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        if missing:
-            raise TimeoutError(f"round {rnd}: evaluation did not finish within {timeout_s:.0f} s")
         try:
-            return EvalResult.total(ray.get(refs))
+            if not missing:
+                return EvalResult.total(ray.get(refs))
         except RayActorError:
-            return ray.get(self.coordinator.reevaluate.remote(rnd), timeout=timeout_s * 3 + 600)
+            pass
+        # a worker holding a shard was lost or hangs: the coordinator replaces it and evaluates again
+        return ray.get(self.coordinator.reevaluate.remote(rnd), timeout=timeout_s * 3 + 600)
+
+
+def _on_head_node() -> dict[str, Any]:
+    """Actor options that keep the coordinator on the head node, which lives as long as the cluster (inside a
+    placement group, e.g. a Tune trial's, it stays in the group)."""
+    from ray.util import get_current_placement_group
+
+    return {} if get_current_placement_group() is not None else {"resources": {"node:__internal_head__": 0.001}}
+
+
+def _refuse_node_local(run_dir) -> None:
+    """On a cluster of several nodes, outputs must go where every node (and the user) can read them."""
+    import ray
+
+    from raysim.storage import is_node_local
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and is_node_local(run_dir) and not os.environ.get("RAYSIM_SHARED_OUT"):
+        raise ConfigError(f"--out: {run_dir} is on this machine's local disk, but the Ray cluster has {len(nodes)} "
+                          "nodes; give shared storage (s3://bucket/prefix, gs://..., or a path on a shared "
+                          "filesystem with RAYSIM_SHARED_OUT=1)")
 
 
 def _warn_truncation(report: dict[str, int], cfg: ExperimentConfig) -> None:

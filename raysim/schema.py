@@ -61,6 +61,19 @@ class FederationConfig(_Strict):
                                    "clients are stragglers and are left out of that round")
     max_task_retries: int = Field(1, ge=0, description="how often a failed client task is retried on another "
                                   "worker before the client is dropped from the round")
+    max_update_norm: float | None = Field(None, gt=0, description="reject an upload whose change (L2 norm over "
+                                          "every trained factor, end minus start) exceeds this (null: no limit); "
+                                          "non-finite and wrongly shaped uploads are always rejected")
+    clip_update_norm: float | None = Field(None, gt=0, description="server-side clipping: scale an accepted "
+                                           "upload's change down to this L2 norm (null: no clipping)")
+    min_completed_fraction: float = Field(0.0, ge=0, le=1, description="a round in which fewer than this share "
+                                          "of the sampled clients is aggregated is marked `degraded` in "
+                                          "rounds.parquet (0: never)")
+    max_degraded_rounds: int | None = Field(None, ge=0, description="end the run with status `failed` (exit "
+                                            "code 3) once more than this many rounds were degraded (null: "
+                                            "never)")
+    hung_after_s: float = Field(60.0, gt=0, description="a worker still busy this many seconds after a round's "
+                                "deadline is considered hung: it is killed and replaced")
 
     @model_validator(mode="after")
     def _per_round(self) -> "FederationConfig":
@@ -159,6 +172,10 @@ class LoRAConfig(_Strict):
                            "num_clients ints), or a scheme below (`{scheme: tiers | by_quality | by_data_size, "
                            "...}`); mixed ranks need an aggregator that supports them")
     alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by s = alpha / rank")
+    mixed_rank_scale: Literal["shared", "per_rank"] = Field(
+        "shared", description="LoRA scale when clients have different ranks: `shared` = alpha / r_max for every "
+        "client (slot-wise averages combine columns trained at one scale), `per_rank` = alpha / r_k, PEFT's "
+        "default for a client of rank r_k (see docs/algorithms.md, Mixed ranks)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input during local training")
     target_modules: list[str] | None = Field(None, min_length=1, description="names of the linear layers that "
                                              "get adapters; null: the architecture's attention query and value "
@@ -227,6 +244,10 @@ class ResourcesConfig(_Strict):
                                               "Face PEFT; `cohort`: several clients trained together in one "
                                               "batched pass (faster for many small clients)")
     cohort_size: int = Field(8, ge=1, description="most clients per cohort with engine: cohort")
+    worker_start_timeout_s: float = Field(300.0, gt=0, description="seconds a replacement worker (for one lost "
+                                          "with its node, or hung) may take to start; if the cluster has no room "
+                                          "for it by then the run goes on with fewer workers and asks again "
+                                          "next round")
 
     @field_validator("gpus_per_worker")
     @classmethod
@@ -241,6 +262,9 @@ class EvalConfig(_Strict):
 
     every: int = Field(1, ge=1, description="evaluate the global model every N rounds (and always after the "
                        "last)")
+    deviation_every: int = Field(1, ge=1, description="compute the deviation metric (deviation_rel) every N "
+                                 "rounds and after the last (null in the other rounds; it runs off the critical "
+                                 "path but costs server CPU)")
     personalized: bool = Field(False, description="also report per-client accuracy on the local test splits "
                                "(always on for personalised methods: fedsa, celora)")
     batch_size: int = Field(64, ge=1, description="examples per evaluation batch (memory and speed only)")
@@ -267,9 +291,30 @@ class FaultsConfig(_Strict):
                              "a round (a simulated failure, never retried)")
     kill_worker_at_round: int | None = Field(None, ge=1, description="kill one worker during this round "
                                              "(null = never); the pool replaces it")
+    kill_worker_every: int | None = Field(None, ge=1, description="also kill one worker every this many rounds "
+                                          "(soak tests; null = never)")
+    kill_worker_phase: Literal["train", "evaluation"] = Field("train", description="when in that round the "
+                                                              "worker dies: while clients train (their jobs "
+                                                              "are retried) or while the global model is "
+                                                              "evaluated (the evaluation is repeated)")
     slow_client_s: float = Field(0.0, ge=0, description="extra seconds a 'slow' client sleeps before "
                                  "returning its update")
     slow_fraction: float = Field(0.0, ge=0, le=1, description="probability that a client task is slow (0-1)")
+    corrupt_rate: float = Field(0.0, ge=0, lt=1, description="probability that a sampled client uploads a "
+                                "corrupt update (the server must reject it); drawn from the same uniform as "
+                                "drop_rate, so a client fails in at most one way and drop_rate + corrupt_rate "
+                                "must stay below 1")
+    corrupt_kind: Literal["nan", "inf", "huge", "shape"] = Field("nan", description="how a corrupt upload is "
+                                                                  "broken: a NaN or an Inf entry, a 1e6× scaled "
+                                                                  "change (rejected by federation.max_update_norm), "
+                                                                  "or a factor with a wrong shape")
+
+    @model_validator(mode="after")
+    def _one_failure(self) -> "FaultsConfig":
+        if self.drop_rate + self.corrupt_rate >= 1:
+            raise ValueError(f"faults.corrupt_rate: drop_rate + corrupt_rate must be < 1 (got "
+                             f"{self.drop_rate} + {self.corrupt_rate})")
+        return self
 
 
 class OutputConfig(_Strict):

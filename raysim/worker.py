@@ -18,7 +18,8 @@ import ray
 
 from raysim.aggregators.base import ClientData
 from raysim.engines.base import ClientFailure, ClientJob, ClientResult, EngineSettings, EvalResult
-from raysim.faults import apply_faults
+from raysim.faults import apply_faults, corrupt_results
+from raysim.lora.factors import delta_matrix
 
 
 class ClientWorkerImpl:
@@ -87,26 +88,34 @@ class ClientWorkerImpl:
             if version <= self.base_version:
                 continue
             for name, (u, v) in per_module.items():
-                r = torch.from_numpy(np.asarray(u, dtype=np.float64) @ np.asarray(v, dtype=np.float64))
+                r = torch.from_numpy(delta_matrix(u, v))
                 fold_into_base(self.layers[name], r)
             self.applied.append((version, per_module))
             self.base_version = version
         return self.base_version
 
+    def _changes_for(self, base_version: int | None, eval_delta: dict | None) -> list[tuple[float, dict]]:
+        """(sign, module -> (u, v)) folds that give the base an evaluation asks for: the base of an older
+        version (a re-run evaluation after a worker was lost while the next round already changed the base),
+        plus a change only the global model carries (`Aggregator.evaluation_base_delta`, e.g. FlexLoRA)."""
+        changes = []
+        if base_version is not None and base_version < self.base_version:
+            changes += [(-1.0, d) for v, d in reversed(self.applied) if v > base_version]
+        if eval_delta:
+            changes.append((1.0, eval_delta))
+        return changes
+
     @contextlib.contextmanager
-    def _base_at(self, version: int):
-        """Temporarily the base of an older version (a re-run evaluation after a worker was lost while the
-        next round already changed the base); the current weights are restored bit for bit afterwards."""
+    def _folded(self, changes: list[tuple[float, dict]]):
+        """Temporarily W_base += sign · u @ v for each change; the weights are restored bit for bit afterwards."""
         import torch
 
         from raysim.lora.peft_io import fold_into_base
 
-        newer = [(v, d) for v, d in self.applied if v > version]
-        saved = {name: self.layers[name].get_base_layer().weight.detach().clone()
-                 for _, d in newer for name in d}
-        for _, per_module in reversed(newer):
+        saved = {name: self.layers[name].get_base_layer().weight.detach().clone() for _, d in changes for name in d}
+        for sign, per_module in changes:
             for name, (u, v) in per_module.items():
-                fold_into_base(self.layers[name], -torch.from_numpy(np.asarray(u, np.float64) @ np.asarray(v, np.float64)))
+                fold_into_base(self.layers[name], sign * torch.from_numpy(delta_matrix(u, v)))
         try:
             yield
         finally:
@@ -123,7 +132,7 @@ class ClientWorkerImpl:
         `client_hook` run on the client's own training labels.
         """
         live, out = apply_faults(jobs)
-        for result in self._train_live(live):
+        for result in corrupt_results(live, self._train_live(live)):
             if not isinstance(result, ClientFailure):
                 result.worker = self.index
                 job = next(j for j in live if j.client_id == result.client_id)
@@ -136,16 +145,23 @@ class ClientWorkerImpl:
     def _train_live(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:
         """The cohort engine takes what it can stack; tri-matrix jobs (CE-LoRA) go through the PEFT engine."""
         if self.cohort is None:
-            return [self.engine.train_client(job) for job in jobs]
+            return [self._train_one(job) for job in jobs]
         from raysim.engines.cohort import UnsupportedJob
 
         tri = [j for j in jobs if any(f.c is not None for f in j.start.values())]
         stacked = [j for j in jobs if all(f.c is None for f in j.start.values())]
-        results = [self.engine.train_client(job) for job in tri]
+        results = [self._train_one(job) for job in tri]
         try:
             return results + self._train_split(stacked)
         except UnsupportedJob:
-            return results + [self.engine.train_client(j) for j in stacked]
+            return results + [self._train_one(j) for j in stacked]
+
+    def _train_one(self, job: ClientJob) -> ClientResult | ClientFailure:
+        """One client through the PEFT engine, unless the round's deadline passed while earlier jobs trained."""
+        if job.deadline is not None and time.time() >= job.deadline:
+            return ClientFailure(job.client_id, "not started before the round deadline (federation.round_timeout_s)",
+                                 status="straggler")
+        return self.engine.train_client(job)
 
     def _train_split(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:
         """Train a cohort; on CUDA out-of-memory split it in halves and retry (never fatal to the run)."""
@@ -167,13 +183,18 @@ class ClientWorkerImpl:
         return self._train_split(jobs[:half]) + self._train_split(jobs[half:])
 
     def evaluate(self, factors, head, idx: np.ndarray, base_version: int | None = None,
-                 gen_idx: np.ndarray | None = None) -> EvalResult:
+                 gen_idx: np.ndarray | None = None, eval_delta: dict | None = None) -> EvalResult:
         """The task's evaluation sums on rows `idx` (generations for `gen_idx`); at an older base version if
-        given (see `_base_at`)."""
-        if base_version is None or base_version >= self.base_version:
+        given, with the global model's own base change if any (see `_changes_for`)."""
+        changes = self._changes_for(base_version, eval_delta)
+        if not changes:
             return self.engine.evaluate(factors, head, np.asarray(idx), gen_idx)
-        with self._base_at(base_version):
+        with self._folded(changes):
             return self.engine.evaluate(factors, head, np.asarray(idx), gen_idx)
+
+    def evaluate_clients(self, items: list[tuple]) -> list[tuple[int, EvalResult]]:
+        """Personalised evaluation: each (client id, factors, head, local test rows) with that client's model."""
+        return [(cid, self.engine.evaluate(factors, head, np.asarray(idx))) for cid, factors, head, idx in items]
 
     def export_adapter(self, factors, head, base_model_name: str) -> dict[str, bytes]:
         """The adapter as a PEFT directory, returned as {filename: bytes} (the driver writes it)."""

@@ -81,9 +81,17 @@ def test_bytes_fedex_adds_the_missed_residual(results):
     assert down == [K * per_client, K * (per_client + residual)]
 
 
+def _first_time_in_round_2(results, name) -> int:
+    """Clients sampled in round 2 that were not sampled in round 1 (they still need one-off items)."""
+    clients = results[name][1]
+    return len(set(clients[clients["round"] == 2]["client_id"]) - set(clients[clients["round"] == 1]["client_id"]))
+
+
 def test_bytes_ffa_only_b(results):
     up, down = _up_down(results, "ffa")
-    assert up == down == [K * (R * M * MODULES + HEAD)] * 2
+    assert up == [K * (R * M * MODULES + HEAD)] * 2
+    new = _first_time_in_round_2(results, "ffa")     # the shared seed of the frozen A: once per client
+    assert down == [K * (R * M * MODULES + HEAD + 1), K * (R * M * MODULES + HEAD) + new]
 
 
 def test_bytes_fedsa_only_a(results):
@@ -106,4 +114,5 @@ def test_bytes_flora_download_grows_with_the_stack(results):
     up, down = _up_down(results, "flora")
     merged = min(M * N, K * R * (M + N)) * MODULES   # the round-1 stack every client must fold
     assert up == [K * (R * (M + N) * MODULES + HEAD)] * 2
-    assert down == [K * HEAD, K * (HEAD + merged)]   # fresh adapters come from a seed: free
+    new = _first_time_in_round_2(results, "flora")
+    assert down == [K * (HEAD + 1), K * (HEAD + merged) + new]   # fresh adapters come from a seed, sent once

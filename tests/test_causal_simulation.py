@@ -102,7 +102,7 @@ def test_every_aggregator_runs_on_a_decoder(ray_local, tiny_config, tmp_path, na
 @pytest.mark.parametrize("extra,needle", [
     (["--set", "task.type=causal_lm"], "model.name"),                              # an encoder for a decoder task
     (["--set", "model.name=random:llama-tiny"], "model.name"),                     # a decoder for classification
-    (["--set", "task.type=causal_lm", "--set", "model.name=random:llama-tiny",
+    (["--set", "task.type=causal_lm", "--set", "model.name=random:llama-tiny", "--set", "lora.target_modules=null",
       "--set", "eval.group_by=topic", "--set", "data.source=synthetic:arith"], "eval.group_by"),
 ])
 def test_wrong_task_combinations_exit_2_before_ray(tmp_path, capsys, monkeypatch, extra, needle):

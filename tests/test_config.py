@@ -230,3 +230,25 @@ def test_a_local_run_never_gets_more_logical_cpus_than_the_machine(tmp_path, cap
     monkeypatch.setattr(raysim.runner.os, "cpu_count", lambda: 2)
     rc, err = _cli(tmp_path, capsys, "--set", "resources.num_workers=10000")
     assert rc == 2 and "resources.num_workers" in err and "Traceback" not in err
+
+
+def test_target_modules_are_checked_against_the_models_layers_before_ray(tmp_path, capsys, no_ray):
+    rc, err = _cli(tmp_path, capsys, "--set", "lora.target_modules=[query, nonexistent]")
+    assert rc == 2 and "lora.target_modules" in err and "'nonexistent'" in err and "query" in err
+
+
+def test_an_all_empty_text_column_is_refused(tmp_path, capsys, no_ray):
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,body,label\n" + "".join(f"doc number {i},,{i % 2}\n" for i in range(40)))
+    rc, err = _cli(tmp_path, capsys, "--set", f"data.source=csv:{csv}", "--set", "data.text_column=body",
+                   "--set", "model.name=random:bert-tiny")
+    assert rc == 2 and "data.text_column" in err and "'body'" in err
+
+
+def test_a_yaml_bomb_is_refused_without_expanding_it(tmp_path, capsys):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]   # 10^9 values expanded
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(["name: bomb", *lines]) + "\n")
+    assert main(["run", str(bomb), "--out", str(tmp_path / "run")]) == 2
+    assert "aliases" in capsys.readouterr().err

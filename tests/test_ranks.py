@@ -9,7 +9,7 @@ import pytest
 
 from raysim.config import ConfigError
 from raysim.data.noise import noisy_clients
-from raysim.ranks import assign_ranks, check_ranks_fit, known_min_dim, tier_counts
+from raysim.ranks import assign_ranks, check_ranks_fit, known_min_dim, scale_for, tier_counts
 
 NOISE = "{fraction_clients: 0.8, flip_prob: 0.5}"
 
@@ -95,3 +95,18 @@ def test_rank_above_min_dim_is_refused_before_training(tiny_config):
     check_ranks_fit(tiny_config(**{"lora.rank": 128}))                   # the bound itself is fine
     with pytest.raises(ConfigError, match="module q is 7×5"):
         check_ranks_fit(tiny_config(**{"lora.rank": 6}), {"q": (7, 5), "v": (6, 6)})
+
+
+def test_mixed_rank_scale_shared_by_default_or_per_rank(tiny_config):
+    over = {"lora.rank": "{scheme: tiers, ranks: [2, 8], fractions: [0.5, 0.5]}", "aggregator.name": "hetlora",
+            "lora.alpha": 16}
+    default = scale_for(tiny_config(**over))
+    shared = scale_for(tiny_config(**over, **{"lora.mixed_rank_scale": "shared"}))
+    per_rank = scale_for(tiny_config(**over, **{"lora.mixed_rank_scale": "per_rank"}))
+    assert [default(r) for r in (2, 8)] == [shared(r) for r in (2, 8)] == [2.0, 2.0]     # alpha / r_max
+    assert [per_rank(r) for r in (2, 8)] == [8.0, 2.0]                                   # alpha / r_k
+    single = {"lora.rank": 4, "lora.alpha": 16}
+    assert (scale_for(tiny_config(**single, **{"lora.mixed_rank_scale": "shared"}))(4)
+            == scale_for(tiny_config(**single, **{"lora.mixed_rank_scale": "per_rank"}))(4) == 4.0)
+    with pytest.raises(ConfigError, match="lora.mixed_rank_scale"):
+        tiny_config(**over, **{"lora.mixed_rank_scale": "sqrt"})

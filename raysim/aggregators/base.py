@@ -29,6 +29,7 @@ from raysim.errors import ConfigError
 from raysim.lora.factors import BaseDelta, Factors, LoRAFactors
 
 AB = frozenset({"a", "b"})
+SHARED_SEED = {"seed": 1}    # `ClientPlan.once` of methods whose clients derive factors from the run seed
 
 
 @dataclass
@@ -51,7 +52,9 @@ class ClientPlan:
     # run on the client's data where it lives; the result comes back as ClientUpdate.hook_output and is
     # charged as an upload. A module-level function, so that it pickles.
     client_hook: Callable[[ClientData], np.ndarray] | None = None
-    extra_download: int = 0          # one-off scalars sent with this plan (e.g. a shared seed)
+    # one-off downloads, item -> scalars (e.g. {"seed": 1}, a shared seed that clients derive factors
+    # from): the ledger charges each item once per client, the first time the client is sampled
+    once: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,6 +72,7 @@ class ClientUpdate:
 class AggregateResult:
     base_delta: dict[str, BaseDelta] | None = None   # change of W_base this round (nn.Linear orientation)
     deviation_rel: float | None = None               # set only when the method defines its own
+    deviation_rel_round: float | None = None         # the same over this round's increment (with deviation_rel)
     stats: dict[str, float] = field(default_factory=dict)
 
 
@@ -133,6 +137,15 @@ class Aggregator:
     def evaluation_factors(self) -> Factors:
         """The adapter the global model is evaluated with."""
         return self.global_factors
+
+    def evaluation_base_delta(self) -> dict[str, BaseDelta] | None:
+        """A change of the frozen base that only the global model carries (None: nothing).
+
+        The evaluated and exported global model is W_base + this + `evaluation_factors()`; clients never
+        train on it (unlike `AggregateResult.base_delta`). FlexLoRA: the part of ΔW* beyond r_max, which
+        the r_max slots of a worker's model cannot hold.
+        """
+        return None
 
     # -- checkpoints ----------------------------------------------------------------------------------
 

@@ -11,9 +11,10 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from raysim.aggregators.base import (AggregateResult, Aggregator, ClientData, ClientPlan, ClientUpdate,
-                                     MethodParams, derived_rng, kaiming_a, register, weighted_mean)
-from raysim.lora.factors import Factors, LoRAFactors, fold_core
+from raysim.aggregators.base import (SHARED_SEED, AggregateResult, Aggregator, ClientData, ClientPlan,
+                                     ClientUpdate, MethodParams, derived_rng, kaiming_a, register)
+from raysim.aggregators.fedsa import drift_stats
+from raysim.lora.factors import Factors, LoRAFactors, fold_core, grams, sandwich_norms, stacked
 
 ONLY_C = frozenset({"c"})
 ABC = frozenset({"a", "b", "c"})
@@ -79,8 +80,10 @@ class CELoRA(Aggregator):
     not sampled keep their stored C_k. The global model (evaluation and the exported adapter) is the
     shared frame with the non-personalised average C̄ = Σ p_j C_j of the last round (p_j as set by
     federation.weighting), exported with C folded into B. Stats: mean self-weight w_kk, mean row
-    entropy / log K (1 = uniform), and the number of descriptors received (each reveals a client's
-    label distribution: the privacy cost).
+    entropy / log K (1 = uniform), the mixing drift δ_k = ‖s·B_k·(C_k(mixed) − C_k(after))·A_k‖_F /
+    ‖s·B_k·C_k(after)·A_k‖_F over all modules (p-weighted mean and max, as FedSA-LoRA's broadcast
+    drift), and the number of descriptors received (each reveals a client's label distribution: the
+    privacy cost). The frame's seed is charged once per client (`once`).
     """
 
     personalized = True
@@ -135,11 +138,10 @@ class CELoRA(Aggregator):
         start = {name: LoRAFactors(a=ab[name][0].copy(), b=ab[name][1].copy(), scale=scale, c=c[name].copy())
                  for name in self.global_factors}
         p = self.params
-        first = client_id not in self.client_c
         return ClientPlan(start=start, train=ABC if p.train_ab else ONLY_C, upload=ONLY_C, download=ONLY_C,
                           lr_scale={"a": p.ab_lr_scale, "b": p.ab_lr_scale},
                           client_hook=None if client_id in self.descriptors else label_descriptor,
-                          extra_download=1 if first else 0)     # the frame's shared seed, once
+                          once=SHARED_SEED)        # the frame's seed: the ledger charges it once per client
 
     # -- server ------------------------------------------------------------------------------------------
 
@@ -156,17 +158,21 @@ class CELoRA(Aggregator):
         with np.errstate(divide="ignore"):
             prior = np.log(pw) if p.prior == "samples" else np.where(pw > 0, 0.0, -np.inf)
         w = personal_weights([self.descriptors.get(u.client_id) for u in updates], deltas, p.tau, p.beta, prior)
+        after_c = np.stack([np.stack([c[name].astype(np.float64) for name in names]) for c in after])  # (K, M, r, r)
+        mixed = (w @ after_c.reshape(len(updates), -1)).reshape(after_c.shape)   # C_k ← Σ_j w_kj C_j, every module
+        dtype = self.global_factors[names[0]].c.dtype
         for k, u in enumerate(updates):
-            dtype = self.global_factors[names[0]].c.dtype
-            self.client_c[u.client_id] = {name: weighted_mean([c[name] for c in after], list(w[k])).astype(dtype)
-                                          for name in names}
+            self.client_c[u.client_id] = {name: mixed[k, i].astype(dtype) for i, name in enumerate(names)}
             if p.train_ab:
                 self.client_ab[u.client_id] = {name: (u.factors[name].a.copy(), u.factors[name].b.copy())
                                                for name in names}
-        for name, g in self.global_factors.items():
-            g.c = weighted_mean([c[name] for c in after], list(pw)).astype(g.c.dtype)   # C̄, plain p-average
+        drift = mixing_drifts(updates, names, mixed.astype(dtype))
+        c_bar = (pw @ after_c.reshape(len(updates), -1)).reshape(after_c.shape[1:])   # C̄, plain p-average
+        for i, g in enumerate(self.global_factors.values()):
+            g.c = c_bar[i].astype(g.c.dtype)
         self.last_weights = w
-        return AggregateResult(stats=_weight_stats(w) | {"descriptors_received": float(received)})
+        stats = _weight_stats(w) | drift_stats(drift, {u.client_id: u.weight for u in updates})
+        return AggregateResult(stats=stats | {"descriptors_received": float(received)})
 
     def _receive_descriptors(self, updates: list[ClientUpdate]) -> int:
         """Store the descriptors d_k that came with this round's updates (each client's first); returns how many."""
@@ -184,6 +190,24 @@ class CELoRA(Aggregator):
     def evaluation_factors(self) -> Factors:
         """The shared frame with C̄, as plain LoRA factors (b ← b·C̄): the same ΔW, exportable by PEFT."""
         return fold_core(self.global_factors)
+
+
+def mixing_drifts(updates: list[ClientUpdate], names: list[str], mixed: np.ndarray) -> dict[int, float]:
+    """δ_k = ‖s·B_k·(C_k(mixed) − C_k(after))·A_k‖_F / ‖s·B_k·C_k(after)·A_k‖_F per client, all modules together:
+    how far mixing moves the client's own adapter from the one it trained (NaN if that adapter is 0).
+    mixed: (K, modules, r, r) in the order of `updates` and `names`; r×r Gram forms, no m×n product."""
+    num2 = np.zeros(len(updates))
+    den2 = np.zeros(len(updates))
+    for i, name in enumerate(names):
+        fs = [u.factors[name] for u in updates]
+        gb = grams([f.b for f in fs], "left") * np.array([f.scale for f in fs])[:, None, None] ** 2
+        ga = grams([f.a for f in fs], "right")                                             # A_k A_kᵀ (K, r, r)
+        c = stacked([f.c for f in fs])                                                     # (K, r, r)
+        num2 += sandwich_norms(gb, ga, mixed[:, i].astype(np.float64) - c) ** 2
+        den2 += sandwich_norms(gb, ga, c) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drift = np.where(den2 > 1e-24, np.sqrt(num2 / den2), np.nan)
+    return {u.client_id: float(d) for u, d in zip(updates, drift)}
 
 
 def _weight_stats(w: np.ndarray) -> dict[str, float]:

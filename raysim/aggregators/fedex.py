@@ -20,9 +20,13 @@ def fedex_residual(updates: list[ClientUpdate], mean: Factors) -> dict[str, Base
     Mixed ranks (`mean` = the zero-padded average at the global rank r_g): every client is zero-padded,
     ref is the last client of the smallest rank, so B̂_k − B̂_ref lives in the first r_k columns and
     block k is p_k (B̃_k − B̂_ref[:, :r_k]) · (A_k − Ā[:r_k]): rank ≤ Σ r_k − r_min. Slots r_up … r_g−1
-    (r_up = max r_k) were owned by no participant and kept from the previous global; their product is
-    in B̃̄·Ā but not in ΔW*, so R gets the extra block −B̃̄[:, r_up:] · Ā[r_up:].
+    (r_up = max r_k) have owners' share π_j = 0 and were kept from the previous global; their product
+    is in B̃̄·Ā but not in ΔW*, so R gets the extra block −B̃̄[:, r_up:] · Ā[r_up:].
+
+    Clients of weight 0 are left out first (their blocks are 0, and the slots only they own have π_j = 0
+    and were kept like unowned ones), so a client of weight 0 changes nothing.
     """
+    updates = [u for u in updates if u.weight != 0]
     out = {}
     for name, g in mean.items():
         a_bar = g.a                                                    # (r_g, n)

@@ -6,7 +6,7 @@ import numpy as np
 
 from raysim.aggregators.base import (AB, AggregateResult, Aggregator, ClientPlan, ClientUpdate, average_parts,
                                      client_start, register)
-from raysim.lora.factors import Factors, LoRAFactors, product_fro_norm
+from raysim.lora.factors import Factors, LoRAFactors, grams, sandwich_norms
 
 ONLY_A = frozenset({"a"})
 
@@ -48,25 +48,32 @@ class FedSA(Aggregator):
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
         updates = sorted(updates, key=lambda u: u.client_id)      # order-independent round-off
         new = average_parts(self.global_factors, updates, AB)     # Ā, and the diagnostic B̄
-        drift = {u.client_id: _broadcast_drift(u.factors, new) for u in updates}
+        drift = broadcast_drifts(updates, new)
         for u in updates:   # the clients' own B, stored as trained (the server never changes them)
             self.client_b[u.client_id] = {name: f.b.copy() for name, f in u.factors.items()}
         self.global_factors = new
-        return AggregateResult(stats=_drift_stats(drift, {u.client_id: u.weight for u in updates}))
+        return AggregateResult(stats=drift_stats(drift, {u.client_id: u.weight for u in updates}))
 
 
-def _broadcast_drift(client: Factors, shared: Factors) -> float:
-    """δ_k = ‖B̃_k (Ā − A_k)‖_F / ‖B̃_k A_k‖_F, all modules together (NaN if the client's ΔW is 0)."""
-    num2 = den2 = 0.0
-    for name, f in client.items():
-        bt = f.b_tilde().astype(np.float64)
-        a = f.a.astype(np.float64)
-        num2 += product_fro_norm(bt, shared[name].a.astype(np.float64) - a) ** 2
-        den2 += product_fro_norm(bt, a) ** 2
-    return float(np.sqrt(num2 / den2)) if den2 > 1e-24 else float("nan")
+def broadcast_drifts(updates: list[ClientUpdate], shared: Factors) -> dict[int, float]:
+    """δ_k = ‖B̃_k (Ā − A_k)‖_F / ‖B̃_k A_k‖_F per client, all modules together (NaN if the client's ΔW is 0);
+    per module through the r×r Gram forms (`sandwich_norms`), no m×n product."""
+    num2 = np.zeros(len(updates))
+    den2 = np.zeros(len(updates))
+    for name, g in shared.items():
+        fs = [u.factors[name] for u in updates]
+        gb = grams([f.b_tilde() for f in fs], "left")                                 # B̃_kᵀB̃_k (K, r, r)
+        a = [f.a for f in fs]
+        num2 += sandwich_norms(gb, grams(a, "right", minus_from=g.a)) ** 2           # (Ā − A_k)(Ā − A_k)ᵀ
+        den2 += sandwich_norms(gb, grams(a, "right")) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drift = np.where(den2 > 1e-24, np.sqrt(num2 / den2), np.nan)
+    return {u.client_id: float(d) for u, d in zip(updates, drift)}
 
 
-def _drift_stats(drift: dict[int, float], weight: dict[int, float]) -> dict[str, float]:
+def drift_stats(drift: dict[int, float], weight: dict[int, float]) -> dict[str, float]:
+    """p-weighted mean and max of per-client drifts δ_k over clients of weight > 0 with a finite δ_k (FedSA-LoRA,
+    CE-LoRA): `broadcast_drift_mean`, `broadcast_drift_max` (NaN when there is none)."""
     ok = [c for c, d in drift.items() if np.isfinite(d) and weight[c] > 0]
     total = sum(weight[c] for c in ok)
     if not ok or total <= 0:

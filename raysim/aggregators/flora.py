@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from raysim.aggregators.base import (AggregateResult, Aggregator, ClientPlan, ClientUpdate, derived_rng,
-                                     kaiming_a, register)
+from raysim.aggregators.base import (SHARED_SEED, AggregateResult, Aggregator, ClientPlan, ClientUpdate,
+                                     derived_rng, kaiming_a, register)
 from raysim.lora.factors import BaseDelta, Factors, LoRAFactors, ideal_update
 
 
@@ -28,8 +28,9 @@ class FLoRA(Aggregator):
     new base is W_base + ΔW*; p_k and s_k are folded into U (not the official code's α·K trick). The
     new global adapter is B = 0 with a fresh A (seed from (seed, round)); every client starts each round
     from its own fresh adapter, A Kaiming-uniform seeded from (seed, round, client), B = 0. Those are
-    derived from the shared seed and cost no download; the base catch-up (U, V) is charged by the
-    coordinator from base_delta. Heterogeneous ranks: client k uses rank r_k and scale s(r_k).
+    derived from the shared seed, charged once per client (one scalar, `once`), not as factors; the
+    base catch-up (U, V) is charged by the ledger from base_delta. Heterogeneous ranks: client k uses
+    rank r_k and scale s(r_k).
     """
 
     exact = True
@@ -37,12 +38,12 @@ class FLoRA(Aggregator):
     mixed_ranks = True
     uploads = "A_k (r_k×n), B_k (m×r_k)"
     broadcasts = "stacked U·V (factored q(m+n) or dense mn); fresh adapters come from seeds"
-    comm_per_module = "up r_k(m+n), down min(mn, q(m+n))"
+    comm_per_module = "up r_k(m+n), down min(mn, q(m+n)) (+ the seed once)"
 
     def plan(self, rnd: int, client_id: int) -> ClientPlan:
         rank = self.client_ranks[client_id]
         start = fresh_adapter(self.global_factors, rank, self.scale_of_rank(rank), self.seed, rnd, client_id)
-        return ClientPlan(start=start, download=frozenset())
+        return ClientPlan(start=start, download=frozenset(), once=SHARED_SEED)
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
         updates = sorted(updates, key=lambda u: u.client_id)      # the stack's order does not matter

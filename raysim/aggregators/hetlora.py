@@ -9,7 +9,7 @@ from pydantic import Field
 
 from raysim.aggregators.base import AggregateResult, ClientUpdate, register
 from raysim.aggregators.padding import PaddingParams, SlotPadding
-from raysim.lora.factors import Factors, LoRAFactors, product_fro_norm
+from raysim.lora.factors import Factors, LoRAFactors, grams, product_fro_norm, sandwich_norms
 
 
 class HetLoRAParams(PaddingParams):
@@ -23,8 +23,12 @@ class HetLoRAParams(PaddingParams):
 
 
 def sparsity_weights(factors: list[LoRAFactors], fallback: list[float]) -> np.ndarray:
-    """w_k = ‖B̃_k A_k‖_F / Σ_j ‖B̃_j A_j‖_F (norms without forming m×n); `fallback` if all are 0."""
-    norms = np.array([product_fro_norm(f.b_tilde(), f.a) for f in factors], dtype=np.float64)
+    """w_k = ‖B̃_k A_k‖_F / Σ_j ‖B̃_j A_j‖_F (r×r Gram forms, no m×n product); `fallback` if all are 0."""
+    norms = np.zeros(len(factors))
+    for rank in {f.rank for f in factors}:
+        idx = [k for k, f in enumerate(factors) if f.rank == rank]
+        gb = grams([factors[k].b_tilde() for k in idx], "left")
+        norms[idx] = sandwich_norms(gb, grams([factors[k].a for k in idx], "right"))
     total = norms.sum()
     if not total > 0:
         return np.asarray(fallback, dtype=np.float64)

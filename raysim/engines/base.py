@@ -44,6 +44,7 @@ class ClientFault:
 
     drop: bool = False           # the client drops out: it reports a failure instead of an update
     delay_s: float = 0.0         # a slow client: its task sleeps this long before training
+    corrupt: str | None = None   # nan | inf | huge | shape: its upload is broken after training
 
 
 @dataclass
@@ -60,6 +61,8 @@ class ClientJob:
     lr_scale: dict[str, float] = field(default_factory=dict)   # factor ("a", "b", "c") -> lr multiplier (1.0)
     fault: ClientFault = ClientFault()         # injected faults (tests and robustness studies)
     client_hook: Callable | None = None        # the aggregator's client-side computation, if it asked for one
+    deadline: float | None = None              # time.time() of the round's deadline: a job not started by then
+                                               # is skipped (a straggler) instead of keeping the worker busy
 
 
 @dataclass
@@ -150,13 +153,14 @@ class ClientFailure:
     """A client job that did not produce an update (the other jobs of the same task may have).
 
     simulated: injected by faults.drop_rate, never retried; retryable: worth another try on another worker
-    (e.g. out of GPU memory even alone).
+    (e.g. out of GPU memory even alone); status: `failed`, or `straggler` for a job skipped at the deadline.
     """
 
     client_id: int
     error: str
     simulated: bool = False
     retryable: bool = False
+    status: str = "failed"
 
 
 def batch_schedule(train_idx: np.ndarray, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:

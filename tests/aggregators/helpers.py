@@ -11,7 +11,7 @@ import numpy as np
 
 from raysim.aggregators.base import (Aggregator, ClientData, ClientPlan, ClientUpdate, build_aggregator,
                                      weighted_mean)
-from raysim.lora.factors import BaseDelta, Factors, LoRAFactors, deviation
+from raysim.lora.factors import BaseDelta, Factors, LoRAFactors
 
 SHAPES = {"layer.q": (7, 5), "layer.v": (6, 6)}      # (m, n): non-square and square
 ALPHA = 4.0
@@ -95,12 +95,6 @@ def average_factors(updates: list[ClientUpdate], scale: float) -> Factors:
     return out
 
 
-def by_module(updates: list[ClientUpdate]) -> dict[str, list[tuple[float, LoRAFactors]]]:
-    """The layout `raysim.lora.factors.deviation` takes: module -> [(p_k, factors_k)]."""
-    names = updates[0].factors
-    return {name: [(u.weight, u.factors[name]) for u in updates] for name in names}
-
-
 def ideal_dense(updates: list[ClientUpdate], name: str) -> np.ndarray:
     """ΔW* = Σ p_k s_k B_k A_k, dense float64 (m, n)."""
     return sum(u.weight * u.factors[name].scale * (u.factors[name].b.astype(np.float64)
@@ -119,8 +113,22 @@ def base_dense(base_delta: dict[str, BaseDelta] | None, name: str, shape: tuple[
     return base_delta[name].dense()
 
 
-def deviation_rel(updates: list[ClientUpdate], agg: Aggregator, base_delta) -> float:
-    return deviation(by_module(updates), agg.evaluation_factors(), base_delta).deviation_rel
+def applied_dense(agg: Aggregator, base_delta: dict[str, BaseDelta] | None, name: str) -> np.ndarray:
+    """The evaluated global model minus the base before the round, dense float64: this round's base change
+    + the global model's own base change (`evaluation_base_delta`) + the evaluated adapter's product."""
+    f = agg.evaluation_factors()[name]
+    shape = f.shape
+    return base_dense(base_delta, name, shape) + base_dense(agg.evaluation_base_delta(), name, shape) + product(f)
+
+
+def dense_deviation_rel(updates: list[ClientUpdate], agg: Aggregator, base_delta) -> float:
+    """Oracle of deviation_rel: sqrt(Σ_l ‖ΔW*_l − applied_l‖²) / sqrt(Σ_l ‖ΔW*_l‖²), dense float64."""
+    num2 = den2 = 0.0
+    for name in updates[0].factors:
+        star = ideal_dense(updates, name)
+        num2 += np.linalg.norm(star - applied_dense(agg, base_delta, name)) ** 2
+        den2 += np.linalg.norm(star) ** 2
+    return float(np.sqrt(num2 / den2))
 
 
 def tolerance(factors: Factors) -> float:

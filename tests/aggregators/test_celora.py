@@ -36,7 +36,8 @@ def test_init_shared_frame_zero_core_and_c_only_exchange():
         assert plan.upload == plan.download == ONLY_C
         assert plan.train == frozenset({"a", "b", "c"})
         assert plan.lr_scale == {"a": 0.1, "b": 0.1}
-        assert plan.client_hook is label_descriptor and plan.extra_download == 1   # descriptor up, seed down, once
+        assert plan.client_hook is label_descriptor                    # the descriptor goes up once
+        assert plan.once == {"seed": 1}                                # the frame's seed: the ledger charges it once
     for mod in SHAPES:
         f0 = plans[0].start[mod]
         assert not f0.c.any() and f0.b.any() and f0.a.any()            # ΔW = 0, but C has a gradient
@@ -149,7 +150,7 @@ def test_local_ab_persist_and_global_model_is_the_frame_with_the_average_core():
     agg.aggregate(1, updates)
     for u in updates:
         plan = agg.plan(2, u.client_id)
-        assert plan.client_hook is None and plan.extra_download == 0
+        assert plan.client_hook is None
         for m in SHAPES:                                          # the client's own A_k, B_k, as trained
             assert np.array_equal(plan.start[m].a, u.factors[m].a)
             assert np.array_equal(plan.start[m].b, u.factors[m].b)
@@ -171,11 +172,17 @@ def test_prior_and_descriptor_noise():
     expected = base * p[None, :]
     np.testing.assert_allclose(with_prior, expected / expected.sum(axis=1, keepdims=True), rtol=1e-12)
 
-    agg, _ = celora({"descriptor_noise": 0.1}, k=3)
     d = label_descriptor(ClientData(np.array([0, 0, 1, 2]), 4))
     np.testing.assert_allclose(d, [0.5, 0.25, 0.25, 0.0])
-    agg.aggregate(1, round_of(agg, 1, [0, 1, 2], [1 / 3] * 3, rng, [d] * 3))
-    assert not np.allclose(agg.descriptors[0], d) and abs(np.std(agg.descriptors[0] - d) - 0.1) < 0.1
+    stored = {}
+    for noise in (0.1, 0.2):
+        agg, _ = celora({"descriptor_noise": noise}, k=3)
+        agg.aggregate(1, round_of(agg, 1, [0, 1, 2], [1 / 3] * 3, np.random.default_rng(6), [d] * 3))
+        stored[noise] = {cid: agg.descriptors[cid] - d for cid in range(3)}
+    for cid in range(3):       # one fixed Gaussian draw per (seed, client), scaled by descriptor_noise
+        assert np.any(stored[0.1][cid])
+        np.testing.assert_allclose(stored[0.2][cid], 2 * stored[0.1][cid], rtol=1e-12)
+    assert not np.allclose(stored[0.1][0], stored[0.1][1])
 
 
 def test_client_state_survives_a_checkpoint():
@@ -187,9 +194,66 @@ def test_client_state_survives_a_checkpoint():
     restored.load_state_dict(dict(tensors), json.loads(json.dumps(meta)))
     for cid in range(6):
         a, b = agg.plan(2, cid), restored.plan(2, cid)
-        assert (a.client_hook, a.extra_download) == (b.client_hook, b.extra_download)
+        assert (a.client_hook, a.once) == (b.client_hook, b.once)
         for m in SHAPES:
             for part in ("a", "b", "c"):
                 assert np.array_equal(getattr(a.start[m], part), getattr(b.start[m], part))
     for m in SHAPES:
         assert np.array_equal(agg.evaluation_factors()[m].b, restored.evaluation_factors()[m].b)
+
+
+def softmax_rows_oracle(desc, deltas, tau, beta):
+    """w_kj = softmax_j τ(β cos(d_k, d_j) + (1 − β) cos(ΔC_k, ΔC_j)), written out in float64."""
+    k = len(deltas)
+    z = np.zeros((k, k))
+    for i in range(k):
+        for j in range(k):
+            cd = np.dot(desc[i], desc[j]) / (np.linalg.norm(desc[i]) * np.linalg.norm(desc[j]))
+            cp = np.dot(deltas[i], deltas[j]) / (np.linalg.norm(deltas[i]) * np.linalg.norm(deltas[j]))
+            z[i, j] = tau * (beta * cd + (1 - beta) * cp)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_second_round_mixes_by_the_change_of_c_not_by_c(beta):
+    """From C_k ≠ 0 (after round 1) the similarity uses ΔC_k = C_k(after) − C_k(sent); C_k ← Σ_j w_kj C_j."""
+    agg, _ = celora({"tau": 5.0, "beta": beta}, k=4)
+    rng = np.random.default_rng(8)
+    desc = [rng.dirichlet(np.ones(4)) for _ in range(4)]
+    agg.aggregate(1, round_of(agg, 1, [0, 1, 2, 3], [0.25] * 4, rng, desc))
+    sent = {cid: {m: agg.plan(2, cid).start[m].c.copy() for m in SHAPES} for cid in range(4)}
+    assert all(np.any(c) for cs in sent.values() for c in cs.values())           # C ≠ 0 from here on
+    updates = round_of(agg, 2, [0, 1, 2, 3], random_weights(4, rng), rng, noise=0.3)
+    agg.aggregate(2, updates)
+    flat = (lambda cs: np.concatenate([cs[m].ravel() for m in SHAPES]))
+    deltas = [flat({m: u.factors[m].c - sent[u.client_id][m] for m in SHAPES}) for u in updates]
+    w = softmax_rows_oracle(desc, deltas, 5.0, beta)
+    np.testing.assert_allclose(agg.last_weights, w, rtol=1e-10)
+    with_c = softmax_rows_oracle(desc, [flat({m: u.factors[m].c for m in SHAPES}) for u in updates], 5.0, beta)
+    assert not np.allclose(with_c, w, rtol=1e-3)                   # C instead of ΔC would be caught
+    for k, u in enumerate(updates):
+        for m in SHAPES:
+            expected = sum(w[k, j] * v.factors[m].c for j, v in enumerate(updates))
+            np.testing.assert_allclose(agg.plan(3, u.client_id).start[m].c, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_mixing_drift_statistic():
+    """δ_k = ‖s·B_k·(C_k(mixed) − C_k(after))·A_k‖_F / ‖s·B_k·C_k(after)·A_k‖_F over all modules."""
+    agg, _ = celora(k=3)
+    rng = np.random.default_rng(9)
+    weights = np.array([0.2, 0.3, 0.5])
+    updates = round_of(agg, 1, [0, 1, 2], weights, rng, [rng.dirichlet(np.ones(3)) for _ in range(3)])
+    result = agg.aggregate(1, updates)
+    drifts = []
+    for u in updates:
+        num2 = den2 = 0.0
+        for m in SHAPES:
+            f = u.factors[m]
+            mixed = agg.plan(2, u.client_id).start[m].c
+            num2 += np.linalg.norm(f.scale * f.b @ (mixed - f.c) @ f.a) ** 2
+            den2 += np.linalg.norm(f.scale * f.b @ f.c @ f.a) ** 2
+        drifts.append(np.sqrt(num2 / den2))
+    assert result.stats["broadcast_drift_mean"] == pytest.approx(np.dot(weights, drifts), rel=1e-10)
+    assert result.stats["broadcast_drift_max"] == pytest.approx(max(drifts), rel=1e-10)
+    assert min(drifts) > 0

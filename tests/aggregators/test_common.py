@@ -11,10 +11,11 @@ from raysim.aggregators import REGISTRY, build_aggregator
 from raysim.aggregators.base import AB
 from raysim.errors import ConfigError
 
-from .helpers import (SHAPES, base_dense, deviation_rel, make_aggregator, make_updates, product,
-                      random_weights, tolerance)
+from .helpers import (SHAPES, applied_dense, base_dense, dense_deviation_rel, ideal_dense, make_aggregator,
+                      make_updates, product, random_weights, tolerance)
 
 NAMES = sorted(REGISTRY)
+MIXED_RANK_NAMES = sorted(n for n, cls in REGISTRY.items() if cls.mixed_ranks)
 REPARAMETRISING = {"flora", "flexlora"}    # return the same product in other factors (fresh / SVD)
 LOCAL_FRAME = {"celora"}    # A_k, B_k stay on the clients: the global model is the shared frame with C̄
 
@@ -32,10 +33,9 @@ def assert_same_plan(p1, p2, exact: bool = True, rtol: float = 1e-12):
 
 
 def assert_same_state(agg1, agg2, res1, res2, rtol: float, factors_too: bool):
-    for name, (m, n) in SHAPES.items():
+    for name in SHAPES:
         f1, f2 = agg1.evaluation_factors()[name], agg2.evaluation_factors()[name]
-        total1 = product(f1) + base_dense(res1.base_delta, name, (m, n))
-        total2 = product(f2) + base_dense(res2.base_delta, name, (m, n))
+        total1, total2 = applied_dense(agg1, res1.base_delta, name), applied_dense(agg2, res2.base_delta, name)
         np.testing.assert_allclose(total1, total2, rtol=rtol, atol=rtol * max(1.0, np.abs(total1).max()))
         if factors_too:
             np.testing.assert_allclose(f1.a, f2.a, rtol=rtol, atol=rtol)
@@ -82,7 +82,10 @@ def test_identical_clients_keep_their_adapter_and_deviate_zero(name):
                 for mod, f in agg.plan(rnd + 1, u.client_id).start.items():
                     np.testing.assert_allclose(product(f), product(u.factors[mod]), rtol=tol, atol=tol)
             continue
-        assert deviation_rel(updates, agg, result.base_delta) < tol
+        for mod in SHAPES:                 # the evaluated model moved by exactly the common ΔW
+            star = ideal_dense(updates, mod)
+            np.testing.assert_allclose(applied_dense(agg, result.base_delta, mod), star, rtol=tol,
+                                       atol=tol * np.abs(star).max())
         if result.deviation_rel is not None:
             assert result.deviation_rel < tol
         if name not in REPARAMETRISING:
@@ -124,6 +127,31 @@ def test_client_with_zero_weight_changes_nothing(name):
                           factors_too=name not in REPARAMETRISING)
         if res1.deviation_rel is not None:
             assert res1.deviation_rel == pytest.approx(res2.deviation_rel, rel=1e-9)
+        for cid in range(3):
+            assert_same_plan(agg1.plan(rnd + 1, cid), agg2.plan(rnd + 1, cid), exact=False, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", MIXED_RANK_NAMES)
+def test_client_of_the_highest_rank_with_zero_weight_changes_nothing(name):
+    """Ranks 2, 2, 4 with p = ½, ½, 0: the slots only the weightless client owns keep their value, and the
+    evaluated model moves exactly as without that client (docs/algorithms.md, Client weights). The init has
+    B ≠ 0, so the kept slots carry a product."""
+    ranks = (2, 2, 4)
+    agg1, _ = make_aggregator(name, ranks=ranks, b_zero=False)
+    agg2, _ = make_aggregator(name, ranks=ranks, b_zero=False)
+    rng = np.random.default_rng(16)
+    for rnd in (1, 2):
+        updates = make_updates(agg1, rnd, [0, 1, 2], [0.5, 0.5, 0.0], rng)
+        res1 = agg1.aggregate(rnd, updates[:2])
+        res2 = agg2.aggregate(rnd, updates)
+        assert_same_state(agg1, agg2, res1, res2, rtol=1e-9, factors_too=name not in REPARAMETRISING)
+        assert dense_deviation_rel(updates, agg2, res2.base_delta) == pytest.approx(
+            dense_deviation_rel(updates[:2], agg1, res1.base_delta), rel=1e-6, abs=1e-9)
+        for attr in ("deviation_rel", "deviation_rel_round"):
+            if getattr(res1, attr) is not None:
+                assert getattr(res2, attr) == pytest.approx(getattr(res1, attr), rel=1e-9)
+        if res1.base_delta is not None:     # the weightless client is not even sent: no extra width
+            assert all(d.u.shape == res1.base_delta[k].u.shape for k, d in res2.base_delta.items())
         for cid in range(3):
             assert_same_plan(agg1.plan(rnd + 1, cid), agg2.plan(rnd + 1, cid), exact=False, rtol=1e-9)
 

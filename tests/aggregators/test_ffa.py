@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .helpers import SHAPES, deviation_rel, ideal_dense, make_aggregator, make_updates, product, random_weights
+from .helpers import SHAPES, dense_deviation_rel, ideal_dense, make_aggregator, make_updates, product, random_weights
 
 
 def test_plan_trains_uploads_and_downloads_only_b():
@@ -13,6 +13,7 @@ def test_plan_trains_uploads_and_downloads_only_b():
         plan = agg.plan(rnd, 1)
         assert plan.train == plan.upload == plan.download == frozenset({"b"})
         assert "a" not in plan.upload
+        assert plan.once == {"seed": 1}             # A's shared seed: one scalar, charged once per client
 
 
 def test_a_is_bitwise_the_shared_init_after_several_rounds():
@@ -36,7 +37,7 @@ def test_exact_and_b_is_the_weighted_mean():
         updates = make_updates(agg, rnd, [0, 1, 2], weights, rng)
         result = agg.aggregate(rnd, updates)
         assert result.base_delta is None
-        assert deviation_rel(updates, agg, result.base_delta) < 1e-10
+        assert dense_deviation_rel(updates, agg, result.base_delta) < 1e-10
         for mod in SHAPES:
             g = agg.global_factors[mod]
             expected = sum(w * u.factors[mod].b_tilde() for w, u in zip(weights, updates))

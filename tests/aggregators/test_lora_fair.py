@@ -8,7 +8,8 @@ import pytest
 from raysim.aggregators.lora_fair import FairProblem
 from raysim.lora.factors import ideal_update
 
-from .helpers import SHAPES, deviation_rel, ideal_dense, make_aggregator, make_updates, product, random_weights
+from .helpers import (SHAPES, dense_deviation_rel, ideal_dense, make_aggregator, make_updates, product,
+                      random_weights)
 
 SOLVERS = [{"solver": "adam"}, {"solver": "adam", "lam": 0.0}, {"solver": "ls"},
            {"solver": "ls_ridge", "mu": 0.0}, {"solver": "ls_ridge", "mu": 0.05}]
@@ -94,8 +95,8 @@ def test_ls_attains_the_projection_cosine_and_beats_fedit():
         for _ in range(20):                                                    # not beaten nearby
             b = g.b + 1e-3 * np.linalg.norm(g.b) * rng.normal(size=g.b.shape)
             assert cos(star, g.scale * b @ g.a) <= target + 1e-12
-    dev_ls = deviation_rel(updates, agg, None)
-    dev_fedit = deviation_rel(updates, fedit, fedit_result.base_delta)
+    dev_ls = dense_deviation_rel(updates, agg, None)
+    dev_fedit = dense_deviation_rel(updates, fedit, fedit_result.base_delta)
     assert dev_ls <= dev_fedit + 1e-7
 
 
@@ -107,6 +108,17 @@ def test_lambda_changes_the_adam_correction():
         d0 = delta_b(agg0, updates, weights, mod)
         d1 = delta_b(agg1, updates, weights, mod)
         assert np.linalg.norm(d0 - d1) > 1e-6 * np.linalg.norm(d0)
+
+
+@pytest.mark.parametrize("lam, zero_modules", [(0.01, 0), (1e3, len(SHAPES))])
+def test_modules_that_kept_a_zero_correction_are_counted(lam, zero_modules):
+    """With λ far above the cosine's gradient no Adam iterate beats ΔB = 0: B_g = B̄ on every module."""
+    updates, weights = problem(11)
+    agg, result = run({"solver": "adam", "lam": lam}, updates)
+    kept = [mod for mod in SHAPES if np.array_equal(agg.global_factors[mod].b, means(updates, weights, mod)[1])]
+    assert len(kept) == zero_modules
+    assert result.stats["modules_delta_b_zero"] == zero_modules
+    assert result.stats["modules_skipped"] == 0
 
 
 @pytest.mark.parametrize("params", SOLVERS)
@@ -165,3 +177,45 @@ def test_analytic_gradient_and_best_iterate():
     assert prob.value_and_grad(best, 0.01)[0] <= prob.value_and_grad(np.zeros_like(db), 0.01)[0]
     dense_cos = cos(ideal_dense(updates, mod), prob.scale * (b_bar + db) @ a_bar)
     assert prob.cos(db) == pytest.approx(dense_cos, rel=1e-12)
+
+
+def dense_adam(star, a_bar, b_bar, scale, lam, steps, lr):
+    """Oracle: Adam on f(ΔB) = 1 − cos(ΔW*, s(B̄+ΔB)Ā) + λ‖ΔB‖_F with dense m×n matrices; best iterate kept."""
+    def f_and_grad(db):
+        y = scale * (b_bar + db) @ a_bar
+        xn, yn = np.linalg.norm(star), np.linalg.norm(y)
+        inner = np.sum(star * y)
+        grad_y = -(star / (xn * yn) - inner / (xn * yn ** 3) * y)
+        grad = scale * grad_y @ a_bar.T
+        norm = np.linalg.norm(db)
+        if norm > 0:
+            grad = grad + lam * db / norm
+        return 1 - inner / (xn * yn) + lam * norm, grad
+
+    db, m1, m2 = np.zeros_like(b_bar), np.zeros_like(b_bar), np.zeros_like(b_bar)
+    best_val, grad = f_and_grad(db)
+    best = db.copy()
+    for t in range(1, steps + 1):
+        m1 = 0.9 * m1 + 0.1 * grad
+        m2 = 0.999 * m2 + 0.001 * grad * grad
+        db = db - lr * (m1 / (1 - 0.9 ** t)) / (np.sqrt(m2 / (1 - 0.999 ** t)) + 1e-8)
+        val, grad = f_and_grad(db)
+        if val < best_val:
+            best_val, best = val, db.copy()
+    return best
+
+
+def test_adam_runs_once_for_all_modules_of_a_shape_and_matches_a_dense_oracle():
+    shapes = {"layer.q": (7, 5), "layer.k": (7, 5), "layer.v": (6, 6)}      # q and k share one vectorised Adam
+    agg, _ = make_aggregator("lora_fair", {"steps": 60}, shapes=shapes, b_zero=False)
+    rng = np.random.default_rng(14)
+    weights = random_weights(3, rng)
+    updates = make_updates(agg, 1, [0, 1, 2], weights, rng)
+    agg.aggregate(1, updates)
+    for mod in shapes:
+        a_bar, b_bar = means(updates, weights, mod)
+        scale = updates[0].factors[mod].scale
+        best = dense_adam(ideal_dense(updates, mod), a_bar, b_bar, scale, 0.01, 60,
+                          0.01 * np.sqrt(np.mean(b_bar ** 2)))
+        assert best.any()
+        np.testing.assert_allclose(agg.global_factors[mod].b, b_bar + best, rtol=1e-9, atol=1e-12)

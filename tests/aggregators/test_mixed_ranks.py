@@ -8,8 +8,8 @@ import pytest
 from raysim.aggregators.fedex import fedex_residual
 from raysim.aggregators.padding import zero_padded_mean
 
-from .helpers import (SHAPES, average_factors, base_dense, deviation_rel, ideal_dense, make_aggregator, make_init,
-                      make_updates, product, random_weights, scale_of_rank)
+from .helpers import (SHAPES, average_factors, base_dense, dense_deviation_rel, ideal_dense, make_aggregator,
+                      make_init, make_updates, product, random_weights, scale_of_rank)
 
 MIXED = (2, 4, 4, 1)
 
@@ -64,7 +64,7 @@ def test_fedex_mixed_ranks_stays_exact(cids):
         updates = make_updates(agg, rnd, list(cids), random_weights(len(cids), rng), rng)
         old = {k: f.copy() for k, f in agg.global_factors.items()}
         result = agg.aggregate(rnd, updates)
-        assert deviation_rel(updates, agg, result.base_delta) < 1e-6
+        assert dense_deviation_rel(updates, agg, result.base_delta) < 1e-6
         for name, shape in SHAPES.items():
             applied = base_dense(result.base_delta, name, shape) + product(agg.global_factors[name])
             star = ideal_dense(updates, name)
@@ -73,6 +73,27 @@ def test_fedex_mixed_ranks_stays_exact(cids):
             ranks = [u.factors[name].rank for u in updates]
             kept = old[name].rank - max(ranks)
             assert result.base_delta[name].u.shape[1] == sum(ranks) - min(ranks) + kept
+
+
+def test_fedex_zero_weight_client_of_the_highest_rank_changes_nothing():
+    """Ranks 2, 2, 4 with p = ½, ½, 0, from a global whose slots 2, 3 carry a product: those slots are owned
+    only by the weightless client, keep their value, and their product must leave through the residual."""
+    agg, _ = make_aggregator("fedex", ranks=(2, 2, 4), b_zero=False)
+    rng = np.random.default_rng(9)
+    for rnd in (1, 2):
+        old = {k: f.copy() for k, f in agg.global_factors.items()}
+        updates = make_updates(agg, rnd, [0, 1, 2], [0.5, 0.5, 0.0], rng)
+        result = agg.aggregate(rnd, updates)
+        num2 = den2 = 0.0
+        for name, shape in SHAPES.items():
+            # oracle: ΔW* from the two weighted clients alone, dense float64
+            star = sum(0.5 * u.factors[name].scale * u.factors[name].b @ u.factors[name].a for u in updates[:2])
+            g = agg.global_factors[name]
+            applied = base_dense(result.base_delta, name, shape) + g.scale * g.b.astype(float) @ g.a.astype(float)
+            num2 += np.linalg.norm(star - applied) ** 2
+            den2 += np.linalg.norm(star) ** 2
+            np.testing.assert_array_equal(g.a[2:], old[name].a[2:].astype(np.float32))    # kept, unowned
+        assert np.sqrt(num2 / den2) < 1e-6
 
 
 def test_fedex_residual_equal_ranks_unchanged_layout():

@@ -177,7 +177,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str
             "status": "failed" if failure else "completed", "failure": failure, "data": session.data_report,
             "setup_s": clock.phases["data_s"] + clock.phases["ray_init_s"] + clock.phases["workers_ready_s"],
             "total_s": clock.elapsed(), "gpus_per_worker": session.spec.gpus,
-            "run_dir": RunStorage.of(run_dir).uri()})
+            "run_dir": RunStorage.of(run_dir).uri(), "cluster": _cluster_info()})
     finally:
         clock.lap(None)
         if session is not None:
@@ -187,6 +187,14 @@ def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str
         clock.lap("teardown_s")
     summary["startup_phases"] = clock.summary()
     return summary
+
+
+def _cluster_info() -> dict[str, Any]:
+    """Where the run ran: the Ray cluster's GCS address and its live nodes."""
+    import ray
+
+    return {"gcs_address": ray.get_runtime_context().gcs_address,
+            "nodes": sum(1 for n in ray.nodes() if n.get("Alive"))}
 
 
 def _export_adapter(session: "Session", writer: RunWriter, cfg: ExperimentConfig, num_labels: int) -> None:

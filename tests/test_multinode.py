@@ -54,3 +54,25 @@ def test_losing_a_node_mid_run_completes_every_round(two_nodes, tmp_path, tiny_c
     assert rounds["accuracy"].notna().all()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == summary["status"] == "completed"
+
+
+def test_raysim_run_with_address_joins_a_running_cluster(two_nodes, tmp_path):
+    """`raysim run --address <head>` from another shell (a subprocess) runs on that cluster, not a private one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray
+
+    cluster, _ = two_nodes
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAYSIM_SHARED_OUT": "1", "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, "-m", "raysim", "run", "experiments/tiny.yaml", "--address", cluster.address,
+                           "--out", str(tmp_path / "run"), "--no-progress", "--set", "federation.rounds=1",
+                           "--set", "train.local_steps=1"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["cluster"] == {"gcs_address": cluster.gcs_address, "nodes": 2}

@@ -279,6 +279,9 @@ def aggregator_class(name: str) -> type[Aggregator]:
         return REGISTRY[name]
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        if not (all(part.isidentifier() for part in module_name.split(".")) and attr.isidentifier()):
+            raise ConfigError(f"aggregator.name: {name!r} is not a dotted path `package.module:Class` (checked "
+                              "before anything is imported)")
         try:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:

@@ -47,3 +47,12 @@ def test_bad_dotted_paths_are_config_errors():
         aggregator_class("no_such_pkg.mod:Thing")
     with pytest.raises(ConfigError, match="not a raysim Aggregator"):
         aggregator_class("numpy:ndarray")
+
+
+def test_a_malformed_dotted_path_is_refused_before_any_import(monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(importlib, "import_module", lambda *a, **k: pytest.fail("imported"))
+    for name in ("os; rm -rf:X", "../evil:Cls", "pkg.mod:Cls()", "pkg..mod:Cls"):
+        with pytest.raises(ConfigError, match="not a dotted path"):
+            aggregator_class(name)

@@ -6,11 +6,13 @@ v is q×n, q ≤ K·r), or, where q(m+n) > m·n, the dense m×n change itself, s
 (dense, None) (`raysim.lora.factors.delta_matrix` reads both forms). Workers replay the entries they
 have not applied yet; `compact(upto)` merges the oldest entries into one once no worker needs them
 apart. The communication ledger charges a client that missed versions min(m·n, Σ factored sizes) per
-module to catch up; the sizes of every version are kept for it, through compaction and checkpoints.
+module to catch up; the sizes of every version are kept for it, through compaction and checkpoints, with
+a running total per module (`catch_up_numel` is a binary search, not a scan over the versions).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,8 @@ class BaseDeltaLog:
     def __init__(self) -> None:
         self.entries: list[tuple[int, Delta]] = []
         self.sizes: dict[int, dict[str, int]] = {}        # version -> module -> scalars to send it
+        self._versions: list[int] = []                    # the versions in `sizes`, ascending
+        self._totals: dict[str, list[int]] = {}           # module -> Σ sizes up to each of `_versions`
 
     @property
     def version(self) -> int:
@@ -44,7 +48,18 @@ class BaseDeltaLog:
                 c = compact_delta(np.asarray(d.u, dtype=np.float64), np.asarray(d.v, dtype=np.float64))
                 per_module[name] = (c.u, c.v)
         self.entries.append((version, per_module))
+        self._add_sizes(version, sizes)
+
+    def _add_sizes(self, version: int, sizes: dict[str, int]) -> None:
+        """Record the sizes of `version` (newer than every one recorded) and extend the running totals."""
+        if self._versions and version <= self._versions[-1]:
+            raise ValueError(f"base version {version} is not newer than {self._versions[-1]}")
         self.sizes[version] = sizes
+        for name in sizes:
+            self._totals.setdefault(name, [0] * len(self._versions))
+        for name, totals in self._totals.items():
+            totals.append((totals[-1] if totals else 0) + sizes.get(name, 0))
+        self._versions.append(version)
 
     def since(self, version: int) -> list[tuple[int, Delta]]:
         """The entries newer than `version`, oldest first."""
@@ -52,12 +67,15 @@ class BaseDeltaLog:
 
     def catch_up_numel(self, version: int, shapes: dict[str, tuple[int, int]]) -> int:
         """Scalars a holder of `version` downloads to catch up: per module min(m·n, Σ missed factored sizes)."""
-        missed: dict[str, int] = {}
-        for v, per_module in self.sizes.items():
-            if v > version:
-                for name, size in per_module.items():
-                    missed[name] = missed.get(name, 0) + size
-        return sum(min(shapes[name][0] * shapes[name][1], size) for name, size in missed.items())
+        held = bisect_right(self._versions, version)          # versions ≤ `version`: already applied
+        if held == len(self._versions):
+            return 0
+        total = 0
+        for name, totals in self._totals.items():
+            missed = totals[-1] - (totals[held - 1] if held else 0)
+            if missed:
+                total += min(shapes[name][0] * shapes[name][1], missed)
+        return total
 
     def compact(self, upto: int) -> None:
         """Merge the entries of versions ≤ `upto` into one entry of version `upto` (per module the sum,
@@ -103,9 +121,12 @@ class BaseDeltaLog:
                                                  np.array(tensors[f"{v}/{name}/v"]) if kind == "factored" else None)
                                           for name, kind in kinds.items()}))
         if "sizes" in meta:
-            self.sizes = {int(v): {name: int(n) for name, n in s.items()} for v, s in meta["sizes"].items()}
+            sizes = {int(v): {name: int(n) for name, n in s.items()} for v, s in meta["sizes"].items()}
         else:
-            self.sizes = {v: {name: BaseDelta(*pair).numel() for name, pair in d.items()} for v, d in self.entries}
+            sizes = {v: {name: BaseDelta(*pair).numel() for name, pair in d.items()} for v, d in self.entries}
+        self.sizes, self._versions, self._totals = {}, [], {}
+        for v in sorted(sizes):
+            self._add_sizes(v, sizes[v])
 
 
 def _merge(pairs: list[Pair]) -> Pair:

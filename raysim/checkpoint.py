@@ -6,6 +6,10 @@ checkpoint directory without it is incomplete. Both files go through `RunStorage
 disk or any `pyarrow.fs` filesystem). Checkpoints are ordered by their round number, not by name, so
 round-10000 comes after round-9999.
 
+Per-client state kept in a `raysim.client_store.ClientStore` is not in these files: the metadata lists the
+store's segment files, which live outside the checkpoint directories and are shared between checkpoints
+(copy-on-write); pruning deletes the segment files that only the pruned checkpoints listed.
+
 Loading verifies the version and the checksum; `load_newest_intact` skips a truncated, tampered or
 incomplete checkpoint with a `CheckpointWarning` naming it and falls back to the previous one. A
 checkpoint of a different configuration raises `CheckpointMismatch`.
@@ -103,9 +107,28 @@ def _prune(storage: RunStorage, written: int, keep: int) -> None:
     if len(complete) < keep:
         return
     oldest_kept = complete[-keep]
-    for rnd, name in rounds:
-        if rnd < oldest_kept:
-            storage.delete_dir(f"{ROOT}/{name}")
+    pruned = [name for rnd, name in rounds if rnd < oldest_kept]
+    if not pruned:
+        return
+    listed = _listed_files(storage, pruned)
+    for name in pruned:
+        storage.delete_dir(f"{ROOT}/{name}")
+    kept = _listed_files(storage, [name for rnd, name in rounds if rnd >= oldest_kept])
+    for rel in sorted(listed - kept):
+        storage.delete(rel)
+
+
+def _listed_files(storage: RunStorage, names: list[str]) -> set[str]:
+    """The client-store segment files the headers of checkpoints `names` list (unreadable headers: none)."""
+    from raysim.client_store import referenced_files
+
+    found: set[str] = set()
+    for name in names:
+        try:
+            found |= referenced_files(_read_header(storage, f"{ROOT}/{name}").get("meta"))
+        except CorruptCheckpoint:
+            continue
+    return found
 
 
 def _is_complete(storage: RunStorage, rel: str) -> bool:

@@ -23,12 +23,13 @@ from raysim.errors import ConfigError
 from raysim.schema import (AggregatorConfig, ArithConfig, ByColumnPartition, DataConfig, GroupsPartition, ImageDomain, DirichletPartition, EvalConfig, ExperimentConfig,
                            FaultsConfig, FederationConfig, IIDPartition, LabelNoiseConfig, LoRAConfig, ModelConfig,
                            OutputConfig, PartitionConfig, QuantitySkewPartition, RankByDataSize, RankByQuality,
+                           RankByValidation,
                            RankSpec, RankTiers, ResourcesConfig, ShardsPartition, SyntheticConfig, TaskConfig,
                            TrainConfig)
 
 __all__ = ["AggregatorConfig", "ArithConfig", "ByColumnPartition", "ConfigError", "GroupsPartition", "ImageDomain", "DataConfig", "DirichletPartition", "EvalConfig", "ExperimentConfig",
            "FaultsConfig", "FederationConfig", "IIDPartition", "LabelNoiseConfig", "LoRAConfig", "ModelConfig",
-           "OutputConfig", "PartitionConfig", "QuantitySkewPartition", "RankByDataSize", "RankByQuality", "RankSpec",
+           "OutputConfig", "PartitionConfig", "QuantitySkewPartition", "RankByDataSize", "RankByQuality", "RankByValidation", "RankSpec",
            "RankTiers", "ResourcesConfig", "ShardsPartition", "SyntheticConfig", "TaskConfig", "TrainConfig", "apply_overrides",
            "load_config", "parse_override", "validate_config"]
 

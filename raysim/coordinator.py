@@ -23,6 +23,7 @@ import ray
 from raysim.aggregators import resolve_aggregator
 from raysim.aggregators.base import AggregateResult, ClientPlan, ClientUpdate
 from raysim.base_log import BaseDeltaLog
+from raysim.client_store import ClientStore
 from raysim.config import ExperimentConfig
 from raysim.data.noise import apply_label_noise
 from raysim.engines.base import ClientJob
@@ -31,10 +32,12 @@ from raysim.heads import HeadState
 from raysim.ledger import CommLedger
 from raysim.lora.factors import Factors, LoRAFactors, deviation, normalise_weights
 from raysim.pool import JobOutcome, WorkerPool, WorkerSpec
-from raysim.ranks import assign_ranks, check_ranks_fit, scale_for
+from raysim.ranks import (assign_ranks, check_ranks_fit, ranks_by_validation, rerank_due, scale_for,
+                          validation_rows, validation_score)
 from raysim.records import PERSONAL_METRICS, client_row, frozen_changed, global_tensors, upload_tensors, weighted
 from raysim.sampling import ClientSampler
 from raysim.seeds import client_seed
+from raysim.storage import RunStorage
 from raysim.tasks import ROW_METRICS, task_for
 from raysim.validation import clip_update, rejection_reason
 
@@ -103,7 +106,8 @@ def _pairs(delta) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
 
 
 class CoordinatorImpl:
-    def __init__(self, cfg: ExperimentConfig, raw, partition: dict[str, Any], spec: WorkerSpec, workers: list):
+    def __init__(self, cfg: ExperimentConfig, raw, partition: dict[str, Any], spec: WorkerSpec, workers: list,
+                 run_dir=None):
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(blas_threads(cfg))             # server math: the CPUs the workers leave free
@@ -124,17 +128,25 @@ class CoordinatorImpl:
         self.sampler = ClientSampler(cfg.federation.num_clients, cfg.federation.clients_per_round, cfg.seed)
         self.ranks = assign_ranks(cfg, [len(t) for t in self.client_train])
         self.aggregator = resolve_aggregator(cfg.aggregator.name, cfg.aggregator.params(), cfg)
+        self.aggregator.use_client_store(self._client_store(run_dir, "aggregator"))
         self.faults = FaultInjector(cfg.faults, cfg.seed)
         init_factors, head = self.pool.call_first("initial_state")
         shapes = {k: f.shape for k, f in init_factors.items()}
         check_ranks_fit(cfg, shapes)                              # before any training
         self.aggregator.setup(init_factors, self.ranks, scale_for(cfg), cfg.seed)
-        self.heads = HeadState(head, cfg.lora.head_policy, cfg.lora.train_head)
+        self.heads = HeadState(head, cfg.lora.head_policy, cfg.lora.train_head,
+                               store=self._client_store(run_dir, "heads"))
         self.ledger = CommLedger(cfg.federation.num_clients, shapes, self.heads.numel_on_wire())
         self.eval_inputs: dict[int, tuple] = {}               # the last rounds' (factors, head, delta) refs
         self.personal_inputs: dict[int, list] = {}            # the last rounds' personalised evaluation items
         self.started = time.time()
         self.elapsed_before = 0.0
+
+    def _client_store(self, run_dir, part: str) -> ClientStore | None:
+        """Per-client state in files under <run_dir>/client_state/<part> (None without a run directory: in memory)."""
+        if run_dir is None:
+            return None
+        return ClientStore(RunStorage.of(run_dir), f"client_state/{part}", cache_clients=self.cfg.output.client_state_cache)
 
     def ready(self) -> dict[str, int]:
         """Answers once the workers hold the data; returns what tokenisation had to cut (causal_lm): examples
@@ -163,6 +175,7 @@ class CoordinatorImpl:
         outcomes = self.dispatch(rnd, plan)
         self.screen(plan, outcomes)
         agg = self.aggregate(rnd, plan, outcomes)
+        self.rerank(rnd)
         pending = self.evaluate(rnd, agg)
         return self.record(rnd, time.perf_counter() - t0, plan, outcomes, agg, pending)
 
@@ -211,6 +224,20 @@ class CoordinatorImpl:
             if result.base_delta:
                 self.base_log.record(rnd, result.base_delta)
         return Aggregated(updates, result, old_global)
+
+    def rerank(self, rnd: int) -> None:
+        """lora.rank {scheme: by_validation}: after round `after_round`, score every client's model on its own
+        labelled rows (a blocking evaluation on the workers); the best move to the high rank from the next round."""
+        if not rerank_due(self.cfg, rnd):
+            return
+        spec = self.cfg.lora.rank
+        rows = validation_rows(spec, self.client_train, self.cfg.seed)
+        items = [(cid, self.aggregator.plan(rnd + 1, cid).start, self.heads.start_for(cid), idx)
+                 for cid, idx in rows.items() if len(idx)]
+        results = self.pool.evaluate_clients_now(items, self.cfg.federation.round_timeout_s)
+        scores = {int(cid): validation_score(res) for cid, res in results}
+        self.ranks = ranks_by_validation(spec, scores, self.cfg.federation.num_clients, self.cfg.seed)
+        self.aggregator.client_ranks = dict(self.ranks)
 
     def evaluate(self, rnd: int, agg: Aggregated) -> Pending:
         """Start the global evaluation and the deviation metric; neither blocks the next round."""
@@ -342,21 +369,28 @@ class CoordinatorImpl:
         agg_tensors, agg_meta = self.aggregator.state_dict()
         head_tensors, head_meta = self.heads.state_dict()
         base_tensors, base_meta = self.base_log.state_dict()
+        ledger_tensors, ledger_meta = self.ledger.state_dict()
         tensors = {f"agg/{k}": np.ascontiguousarray(v) for k, v in agg_tensors.items()}
         tensors.update(head_tensors)
         tensors.update({f"base/{k}": v for k, v in base_tensors.items()})
+        tensors.update({f"ledger/{k}": v for k, v in ledger_tensors.items()})
+        tensors["ranks"] = np.array([self.ranks[c] for c in range(self.cfg.federation.num_clients)], np.int32)
         meta = {"round": rnd, "aggregator": agg_meta, **head_meta, "base_versions": base_meta,
-                "last_sync": self.ledger.state_dict(), "wall_s": self.elapsed_before + (time.time() - self.started)}
+                "last_sync": ledger_meta, "wall_s": self.elapsed_before + (time.time() - self.started)}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> int:
         """Restore a checkpoint; returns the round it was taken after."""
+        if "ranks" in tensors:                    # before the aggregator's own state (HetLoRA's rank_total wins)
+            self.ranks = {c: int(r) for c, r in enumerate(tensors["ranks"])}
+            self.aggregator.client_ranks = dict(self.ranks)
         self.aggregator.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("agg/")},
                                         meta["aggregator"])
         self.heads.load_state_dict(tensors, meta)
         self.base_log.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("base/")},
                                       meta["base_versions"])
-        self.ledger.load_state_dict(meta["last_sync"])
+        self.ledger.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("ledger/")},
+                                    meta["last_sync"])
         self.elapsed_before = float(meta["wall_s"])
         self.started = time.time()
         return int(meta["round"])

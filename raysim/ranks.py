@@ -1,14 +1,17 @@
 """Per-client LoRA ranks from `lora.rank` (an int, a per-client list, or a heterogeneity spec), the
-scale each rank uses, and the check that no rank exceeds what the target modules can hold."""
+re-ranking of `by_validation` from measured scores, the scale each rank uses, and the check that no rank
+exceeds what the target modules can hold."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from raysim.config import ConfigError, ExperimentConfig, RankByDataSize, RankByQuality, RankTiers
+from raysim.config import ConfigError, ExperimentConfig, RankByDataSize, RankByQuality, RankByValidation, RankTiers
 from raysim.models import target_modules
 from raysim.seeds import RANK_QUALITY, RANK_TIERS, derive_seed
 
@@ -32,6 +35,8 @@ def assign_ranks(cfg: ExperimentConfig, num_samples: list[int] | np.ndarray | No
       raysim.data.noise.noisy_clients) are chosen first, in seeded random order, and noisy clients
       only when there are fewer clean clients than high-rank slots. Without label noise there is no
       quality signal: the high-rank clients are a seeded random choice.
+    - by_validation {ranks: [low, high], ...}: everyone starts at `low`; the coordinator re-ranks the
+      clients with `ranks_by_validation` after round `after_round` (see `rerank_due`).
     """
     n = cfg.federation.num_clients
     spec = cfg.lora.rank
@@ -41,6 +46,8 @@ def assign_ranks(cfg: ExperimentConfig, num_samples: list[int] | np.ndarray | No
         return {c: int(r) for c, r in enumerate(spec)}
     if isinstance(spec, RankByQuality):
         return _by_quality(cfg, spec)
+    if isinstance(spec, RankByValidation):
+        return {c: spec.ranks[0] for c in range(n)}
     if isinstance(spec, RankByDataSize):
         if num_samples is None or len(num_samples) != n:
             raise ValueError("lora.rank {scheme: by_data_size} needs the training-set size of every client")
@@ -73,6 +80,56 @@ def _by_quality(cfg: ExperimentConfig, spec: RankByQuality) -> dict[int, int]:
     dirty = sorted(noisy)
     order = [int(c) for c in rng.permutation(clean)] + [int(c) for c in rng.permutation(dirty)]
     return _fill(order, [(high, n_high), (low, n - n_high)])
+
+
+# ----------------------------------------------------------------------------- by_validation
+
+
+def rerank_due(cfg: ExperimentConfig, rnd: int) -> bool:
+    """True after the round in which `lora.rank: {scheme: by_validation}` scores and re-ranks the clients."""
+    spec = cfg.lora.rank
+    return isinstance(spec, RankByValidation) and rnd == spec.after_round
+
+
+def validation_rows(spec: RankByValidation, client_train: Sequence[np.ndarray], seed: int) -> dict[int, np.ndarray]:
+    """client id -> the rows it is scored on: a seeded subset of at most `max_examples` of its training rows
+    (sorted; all of them when it has fewer). Training rows, because label noise (data.label_noise) touches
+    only those: a client validates on its own labelled data, which carries its own noise, while the local
+    test splits keep the true labels and would make every client look equally good."""
+    out = {}
+    for cid, rows in enumerate(client_train):
+        rows = np.asarray(rows)
+        if len(rows) > spec.max_examples:
+            pick = np.random.default_rng(derive_seed(seed, RANK_QUALITY, cid)).choice(
+                len(rows), spec.max_examples, replace=False)
+            rows = rows[np.sort(pick)]
+        out[cid] = rows
+    return out
+
+
+def validation_score(result) -> float:
+    """Higher is better: an evaluation's accuracy, else minus its loss (regression, causal LM), else NaN."""
+    if result.accuracy is not None:
+        return float(result.accuracy)
+    if result.loss is not None:
+        return -float(result.loss)
+    return math.nan
+
+
+def ranks_by_validation(spec: RankByValidation, scores: Mapping[int, float], n: int, seed: int) -> dict[int, int]:
+    """client id -> rank: the round(high_fraction·n) clients with the highest scores get `high`, the rest
+    `low`. Ties are broken by a seeded random order; a client without a finite score ranks below every
+    scored one."""
+    low, high = spec.ranks
+    n_high = int(round(spec.high_fraction * n))
+    tiebreak = np.random.default_rng(derive_seed(seed, RANK_QUALITY)).permutation(n)
+
+    def key(c: int) -> tuple[int, float, int]:
+        s = scores.get(c)
+        scored = s is not None and math.isfinite(s)
+        return (0, -float(s), int(tiebreak[c])) if scored else (1, 0.0, int(tiebreak[c]))
+
+    return _fill(sorted(range(n), key=key), [(high, n_high), (low, n - n_high)])
 
 
 def scale_for(cfg: ExperimentConfig):
@@ -117,12 +174,17 @@ def known_min_dim(model_name: str) -> int | None:
 
 
 def check_ranks_fit(cfg: ExperimentConfig, module_shapes: dict[str, tuple[int, int]] | None = None) -> None:
-    """ConfigError naming `lora.rank` if the largest rank exceeds min(m, n) of a target module.
+    """ConfigError naming `lora.rank` if the largest rank exceeds min(m, n) of a target module, or if a
+    by_validation re-ranking round is later than the last round.
 
     module_shapes (module -> (m, n)) are the real shapes (the coordinator has them before round 1);
     without them the bound comes from the model's config (`known_min_dim`), and nothing is checked
     when that is unknown.
     """
+    spec = cfg.lora.rank
+    if isinstance(spec, RankByValidation) and spec.after_round > cfg.federation.rounds:
+        raise ConfigError(f"lora.rank.after_round: round {spec.after_round} never comes (federation.rounds "
+                          f"is {cfg.federation.rounds})")
     r_max = cfg.lora.max_rank()
     if module_shapes:
         name, (m, n) = min(module_shapes.items(), key=lambda kv: min(kv[1]))

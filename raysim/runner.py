@@ -164,7 +164,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str
     session = None
     try:
         _refuse_node_local(run_dir)
-        session = Session.start(cfg, raw, partition)
+        session = Session.start(cfg, raw, partition, run_dir)
         _warn_truncation(session.data_report, cfg)
         first_round = session.restore(found, writer) if resume else 1
         clock.lap("workers_ready_s")
@@ -245,7 +245,7 @@ class Session:
         self.data_report: dict[str, int] = {}       # what tokenisation cut (coordinator.ready)
 
     @classmethod
-    def start(cls, cfg: ExperimentConfig, raw, partition) -> "Session":
+    def start(cls, cfg: ExperimentConfig, raw, partition, run_dir=None) -> "Session":
         import ray
 
         from raysim.coordinator import Coordinator
@@ -253,7 +253,8 @@ class Session:
 
         spec = WorkerSpec(cfg, int(raw.num_labels), cfg.resources.cpus_per_worker, resolve_gpus(cfg))
         workers = spawn_workers(spec)              # they import torch and build the model from now on
-        coordinator = Coordinator.options(**_on_head_node()).remote(cfg, raw, partition, spec, workers)
+        store_dir = RunStorage.of(run_dir).uri() if run_dir is not None else None    # per-client state files
+        coordinator = Coordinator.options(**_on_head_node()).remote(cfg, raw, partition, spec, workers, store_dir)
         session = cls(spec, workers, coordinator)
         try:
             session.data_report = ray.get(coordinator.ready.remote(), timeout=900)

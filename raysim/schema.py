@@ -144,6 +144,30 @@ class RankByQuality(_Strict):
         return self
 
 
+class RankByValidation(_Strict):
+    """ranks [low, high]: every client starts at `low`; after round `after_round` the `high_fraction` of the
+    clients with the best local validation score move to `high` (a measured quality proxy, unlike by_quality).
+
+    The score is the accuracy (for tasks without accuracy, minus the loss) of the model the client holds
+    after that round (the global adapter at its rank, with its head) on a seeded subset of its own training
+    rows, with the labels the client holds, label noise included (see raysim.ranks.validation_rows).
+    """
+
+    scheme: Literal["by_validation"] = Field(description="selects this rank scheme")
+    ranks: list[int] = Field(description="[low, high] with 1 <= low <= high")
+    high_fraction: float = Field(0.1, ge=0, le=1, description="share of all clients moved to the high rank (0-1)")
+    after_round: int = Field(1, ge=1, description="the round after which the clients are scored and re-ranked "
+                             "(at most federation.rounds)")
+    max_examples: int = Field(64, ge=1, description="labelled rows per client that are scored (a seeded subset "
+                              "of its training rows; all of them when it has fewer)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RankByValidation":
+        if len(self.ranks) != 2 or any(r <= 0 for r in self.ranks) or self.ranks[0] > self.ranks[1]:
+            raise ValueError(f"lora.rank.ranks must be [low, high] with 1 <= low <= high (got {self.ranks})")
+        return self
+
+
 def _rank_kind(v: Any) -> str | None:
     if isinstance(v, bool):
         return None
@@ -158,10 +182,11 @@ def _rank_kind(v: Any) -> str | None:
 
 RankSpec = Annotated[
     Union[Annotated[int, Tag("int")], Annotated[list[int], Tag("list")], Annotated[RankTiers, Tag("tiers")],
-          Annotated[RankByQuality, Tag("by_quality")], Annotated[RankByDataSize, Tag("by_data_size")]],
+          Annotated[RankByQuality, Tag("by_quality")], Annotated[RankByDataSize, Tag("by_data_size")],
+          Annotated[RankByValidation, Tag("by_validation")]],
     Discriminator(_rank_kind, custom_error_type="rank_scheme",
                   custom_error_message="expected an int, a per-client list of ints or {scheme: ...} with "
-                                       "scheme one of: tiers, by_quality, by_data_size"),
+                                       "scheme one of: tiers, by_quality, by_data_size, by_validation"),
 ]
 
 
@@ -169,8 +194,8 @@ class LoRAConfig(_Strict):
     """The LoRA adapters: rank per client, scaling, where they go, and the classifier head."""
 
     rank: RankSpec = Field(8, description="one rank for all clients (int), one rank per client (list of "
-                           "num_clients ints), or a scheme below (`{scheme: tiers | by_quality | by_data_size, "
-                           "...}`); mixed ranks need an aggregator that supports them")
+                           "num_clients ints), or a scheme below (`{scheme: tiers | by_quality | by_data_size | "
+                           "by_validation, ...}`); mixed ranks need an aggregator that supports them")
     alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by s = alpha / rank")
     mixed_rank_scale: Literal["shared", "per_rank"] = Field(
         "shared", description="LoRA scale when clients have different ranks: `shared` = alpha / r_max for every "
@@ -325,6 +350,10 @@ class OutputConfig(_Strict):
                                   "a run can only be resumed from a checkpoint)")
     wire_dtype_bytes: int = Field(4, ge=1, description="bytes per scalar when counting bytes_up/bytes_down "
                                   "(4 = float32, 2 = a 16-bit wire format)")
+    client_state_cache: int = Field(4096, ge=1, description="clients whose per-client state (FedSA-LoRA's B_k, "
+                                    "CE-LoRA's cores and frames, HetLoRA's pruned ranks, local heads) is kept in "
+                                    "memory; the rest lives in client_state/ of the run directory (keep it >= "
+                                    "federation.clients_per_round to avoid re-reads)")
     debug: bool = Field(False, description="check every round that the factors a method keeps frozen (FFA's A, "
                         "RoLoRA's idle factor, CE-LoRA's frame with train_ab: false) came back bit for bit")
 

@@ -46,3 +46,32 @@ def test_mixed_rank_run_records_ranks_noise_per_rank_bytes_and_stays_exact(ray_l
     assert dilution_main([str(tmp_path)]) == 0
     assert "kept_high_mean" in capsys.readouterr().out
     assert dilution_main([str(tmp_path / "no-such-run")]) == 2
+
+
+def test_by_validation_moves_the_best_scored_clients_to_the_high_rank_and_survives_resume(ray_local, tiny_config,
+                                                                                         tmp_path):
+    from raysim.cli import main
+
+    sets = {"lora.rank": "{scheme: by_validation, ranks: [2, 8], high_fraction: 0.25, after_round: 1}",
+            "aggregator.name": "hetlora", "federation.rounds": 3, "train.local_steps": 2,
+            "federation.clients_per_round": 8}
+    run_experiment(tiny_config(**sets), tmp_path / "full", progress=False)
+    clients = pd.read_parquet(tmp_path / "full" / "clients.parquet")
+    assert set(clients[clients["round"] == 1]["rank"]) == {2}                    # everyone starts low
+    later = clients[clients["round"] == 2]
+    assert sorted(later["rank"].value_counts().to_dict().items()) == [(2, 6), (8, 2)]   # 25 % of 8 clients
+
+    class Stop(Exception):
+        pass
+
+    def stop(row, ckpt):
+        if row["round"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_experiment(tiny_config(**sets), tmp_path / "cut", progress=False, on_round=stop)
+    assert main(["run", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
+    resumed = pd.read_parquet(tmp_path / "cut" / "clients.parquet")
+    pd.testing.assert_series_equal(resumed["rank"], clients["rank"])
+    pd.testing.assert_series_equal(pd.read_parquet(tmp_path / "cut" / "rounds.parquet")["accuracy"],
+                                   pd.read_parquet(tmp_path / "full" / "rounds.parquet")["accuracy"])

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from raysim.checkpoint import load_checkpoint
+from raysim.client_store import ClientStore
 from raysim.runner import run_experiment
 
 pytestmark = pytest.mark.ray
@@ -177,7 +178,9 @@ def test_local_heads_stay_on_their_clients_and_survive_resume(ray_local, tmp_pat
 
     def heads(rnd):
         tensors, meta = load_checkpoint(out / "checkpoints" / f"round-{rnd:04d}")
-        return tensors, {int(c): tensors[f"client_head/{c}/classifier.weight"] for c in meta["client_heads"]}
+        store = ClientStore(out, meta["client_store"]["root"])         # the heads live in the client store
+        store.load_state_dict(meta["client_store"])
+        return tensors, {cid: store.get("head", cid)["classifier.weight"] for cid in store.client_ids()}
 
     t2, h2 = heads(2)
     t3, h3 = heads(3)

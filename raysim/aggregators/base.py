@@ -11,7 +11,9 @@ An aggregator is a server-side algorithm with two halves (the prepare/fold pair)
 Conventions (docs/algorithms.md): a (r, n), b (m, r) unscaled, ΔW = s·b·a; weights p_k sum to 1 over
 the clients that completed the round. Server state lives on the instance; each class declares which
 attributes are global state (`global_state`) and which are per-client state (`client_state`, dicts
-keyed by client id), and `state_dict()` / `load_state_dict()` checkpoint exactly those.
+keyed by client id), and `state_dict()` / `load_state_dict()` checkpoint exactly those. With
+`use_client_store(store)` the per-client state lives in a `raysim.client_store.ClientStore` (files on the
+run's storage, a small cache in memory) instead, behind dict-like views, and a checkpoint lists its files.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import importlib
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -27,6 +29,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from raysim.aggregators.state import decode, encode
 from raysim.errors import ConfigError
 from raysim.lora.factors import BaseDelta, Factors, LoRAFactors
+
+if TYPE_CHECKING:
+    from raysim.client_store import ClientStore
 
 AB = frozenset({"a", "b"})
 SHARED_SEED = {"seed": 1}    # `ClientPlan.once` of methods whose clients derive factors from the run seed
@@ -87,7 +92,9 @@ class Aggregator:
 
     `global_state` and `client_state` name the attributes that make up the server state; subclasses
     extend them (`global_state = Aggregator.global_state + ("svd",)`). Per-client state attributes are
-    dicts client id -> value and start empty; other state is initialised in `reset_state`.
+    dicts client id -> value (or, with a client store, views that read and write like one: `in`, `[]`,
+    `get`, assignment; replace a client's value, never mutate it in place) and start empty; other state is
+    initialised in `reset_state`.
     """
 
     name: ClassVar[str] = ""
@@ -103,6 +110,7 @@ class Aggregator:
     client_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any):
+        self.client_store: ClientStore | None = None
         self.params = self.Params(**params)
         self.global_factors: Factors = {}
         self.client_ranks: dict[int, int] = {}
@@ -112,10 +120,19 @@ class Aggregator:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
+    def use_client_store(self, store: "ClientStore | None") -> None:
+        """Keep the per-client state in `store` (None: dicts in memory); call before `setup`."""
+        self.client_store = store
+        self.reset_state()
+
     def reset_state(self) -> None:
-        """Empty server state: every per-client state dict becomes {}. Called by __init__ and setup."""
+        """Empty server state: every per-client state dict becomes {} (or an empty view of the client
+        store). Called by __init__ and setup."""
+        store = getattr(self, "client_store", None)
+        if store is not None:
+            store.clear()
         for name in self.client_state:
-            setattr(self, name, {})
+            setattr(self, name, {} if store is None else store.view(name))
 
     def setup(self, init: Factors, client_ranks: dict[int, int], scale_of_rank: Callable[[int], float],
               seed: int) -> None:
@@ -150,23 +167,54 @@ class Aggregator:
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(tensors, JSON metadata) of the declared state; tensor names start with the attribute name."""
+        """(tensors, JSON metadata) of the declared state; tensor names start with the attribute name.
+
+        With a client store, the per-client state is written to its files (only what changed) and the
+        metadata lists them under "client_store" instead."""
         tensors: dict[str, np.ndarray] = {}
         meta: dict[str, Any] = {"global": {}, "client": {}}
         for name in self.global_state:
             meta["global"][name] = encode(getattr(self, name), name, tensors)
+        from raysim.client_store import ClientStateView     # (raysim.client_store imports this package)
+
+        store = self.client_store
         for name in self.client_state:
             value = getattr(self, name)
-            if not isinstance(value, dict):
+            if store is not None:
+                if not (isinstance(value, ClientStateView) and value.store is store and value.attr == name):
+                    raise TypeError(f"{type(self).__name__}.{name} is per-client state kept in the client store "
+                                    f"and must stay its view (got {type(value).__name__})")
+            elif not isinstance(value, dict):
                 raise TypeError(f"{type(self).__name__}.{name} is per-client state and must be a dict "
                                 f"client id -> value (got {type(value).__name__})")
-            meta["client"][name] = encode(value, name, tensors)
+            else:
+                meta["client"][name] = encode(value, name, tensors)
+        if store is not None:
+            meta["client_store"] = store.state_dict()
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        for group, names in (("global", self.global_state), ("client", self.client_state)):
-            for name in names:
-                setattr(self, name, decode(meta[group][name], name, tensors))
+        """Restore `state_dict()`'s output; a checkpoint with the client state inline also loads into an
+        aggregator with a client store (it is copied in)."""
+        for name in self.global_state:
+            setattr(self, name, decode(meta["global"][name], name, tensors))
+        store = self.client_store
+        if "client_store" in meta:
+            if store is None:
+                raise ValueError("this checkpoint keeps per-client state in client-store files: call "
+                                 "use_client_store() with the run's storage before loading it")
+            store.load_state_dict(meta["client_store"])
+            for name in self.client_state:
+                setattr(self, name, store.view(name))
+            return
+        if store is not None:
+            store.clear()
+        for name in self.client_state:
+            value = decode(meta["client"][name], name, tensors)
+            if store is not None:
+                store.view(name).update(value)
+                value = store.view(name)
+            setattr(self, name, value)
 
     @classmethod
     def describe(cls) -> dict[str, str]:

@@ -122,14 +122,16 @@ class CELoRA(Aggregator):
 
     def own_c(self, client_id: int) -> dict[str, np.ndarray]:
         """The client's personalised C_k (0 before its first completed round)."""
-        if client_id in self.client_c:
-            return self.client_c[client_id]
+        own = self.client_c.get(client_id)
+        if own is not None:
+            return own
         return {name: np.zeros_like(g.c) for name, g in self.global_factors.items()}
 
     def own_ab(self, client_id: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The client's local (A_k, B_k); the shared frame (the global A, B) before it first trains."""
-        if client_id in self.client_ab:
-            return self.client_ab[client_id]
+        own = self.client_ab.get(client_id)
+        if own is not None:
+            return own
         return {name: (g.a, g.b) for name, g in self.global_factors.items()}
 
     def plan(self, rnd: int, client_id: int) -> ClientPlan:

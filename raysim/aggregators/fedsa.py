@@ -32,8 +32,9 @@ class FedSA(Aggregator):
 
     def own_b(self, client_id: int) -> dict[str, np.ndarray]:
         """Client's stored B (unscaled, its own rank); zeros before its first participation."""
-        if client_id in self.client_b:
-            return self.client_b[client_id]
+        own = self.client_b.get(client_id)
+        if own is not None:
+            return own
         rank = self.client_ranks[client_id]
         return {name: np.zeros((g.b.shape[0], rank), dtype=g.b.dtype) for name, g in self.global_factors.items()}
 

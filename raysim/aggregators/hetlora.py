@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Literal
 
 import numpy as np
@@ -61,7 +62,20 @@ class HetLoRA(SlotPadding):
     """
 
     Params = HetLoRAParams
-    client_state = ("client_ranks",)        # self-pruning lowers a client's rank for later rounds
+    global_state = SlotPadding.global_state + ("rank_total",)
+    client_state = ("pruned_ranks",)        # self-pruning lowers a client's rank for later rounds
+    pruned_ranks: dict[int, int]            # client id -> its pruned rank (only clients that were pruned)
+    rank_total: int                         # Σ of every client's current rank (for mean_client_rank)
+
+    @property
+    def client_ranks(self) -> Mapping[int, int]:
+        """Each client's current rank: its pruned rank if it has one, else the one it was set up with."""
+        return CurrentRanks(self._assigned_ranks, self.pruned_ranks)
+
+    @client_ranks.setter
+    def client_ranks(self, ranks: dict[int, int]) -> None:
+        self._assigned_ranks = ranks
+        self.rank_total = int(sum(ranks.values()))
 
     def client_weights(self, updates: list[ClientUpdate]) -> dict[str, np.ndarray] | list[float]:
         p = [u.weight for u in updates]
@@ -73,17 +87,37 @@ class HetLoRA(SlotPadding):
         result = super().aggregate(rnd, updates)
         if self.params.prune:
             result.stats["pruned"] = float(self._prune(updates))
-            result.stats["mean_client_rank"] = float(np.mean(list(self.client_ranks.values())))
+            result.stats["mean_client_rank"] = float(self.rank_total / len(self._assigned_ranks))
         return result
 
     def _prune(self, updates: list[ClientUpdate]) -> int:
         p = self.params
         pruned = 0
+        ranks = self.client_ranks
         for u in updates:
-            rank = self.client_ranks[u.client_id]
+            rank = ranks[u.client_id]
             new = pruned_rank(u.factors, min(rank, next(iter(u.factors.values())).rank),
                               p.prune_gamma, p.prune_tol, p.min_rank)
             if new < rank:
-                self.client_ranks[u.client_id] = new
+                self.pruned_ranks[u.client_id] = new
+                self.rank_total += new - rank
                 pruned += 1
         return pruned
+
+
+class CurrentRanks(Mapping):
+    """Client id -> current rank: the pruned rank where there is one, else the assigned one (read-only)."""
+
+    def __init__(self, assigned: dict[int, int], pruned: Mapping[int, int]):
+        self.assigned = assigned
+        self.pruned = pruned
+
+    def __getitem__(self, client_id: int) -> int:
+        rank = self.pruned.get(client_id)
+        return self.assigned[client_id] if rank is None else rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.assigned)
+
+    def __len__(self) -> int:
+        return len(self.assigned)

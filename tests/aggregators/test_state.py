@@ -11,6 +11,7 @@ from safetensors.numpy import load, save
 
 from raysim.aggregators import REGISTRY
 from raysim.aggregators.base import AggregateResult, Aggregator
+from raysim.client_store import ClientStore
 from raysim.lora.factors import LoRAFactors
 
 from .helpers import make_aggregator, make_updates, random_weights
@@ -138,3 +139,60 @@ def test_unsupported_state_is_refused_by_name():
     custom.seen = [1, 2]
     with pytest.raises(TypeError, match="Counting.seen is per-client state"):
         custom.state_dict()
+
+
+STATEFUL = [("fedsa", {}), ("celora", {}), ("hetlora", {"prune": True, "prune_tol": 0.9, "weights": "sparsity"})]
+
+
+def with_store(name, params, ranks, path):
+    """The aggregator with its per-client state in a client store on `path`, two clients cached."""
+    agg, init = make_aggregator(name, params, ranks=ranks)
+    agg.use_client_store(ClientStore(path, "client_state/aggregator", cache_clients=2))
+    agg.setup(init, dict(enumerate(ranks)), agg.scale_of_rank, 0)
+    return agg
+
+
+@pytest.mark.parametrize(("name", "params"), STATEFUL)
+def test_state_in_a_client_store_equals_state_in_memory_through_a_resume(tmp_path, name, params):
+    """Rounds with the per-client state on disk (a cache of two clients, so most reads come from the files)
+    give the results of the in-memory dicts, and resuming from a store checkpoint continues identically."""
+    ranks = (2, 4, 3, 4, 2) if REGISTRY[name].mixed_ranks else (2,) * 5
+    memory, _ = make_aggregator(name, params, ranks=ranks)
+    stored = with_store(name, params, ranks, tmp_path)
+    rng = np.random.default_rng(21)
+    schedule = [(1, [0, 1, 2]), (2, [3, 1, 4]), (3, [0, 4, 2]), (4, [1, 2, 3])]
+    played, starts, checkpoint = {}, {}, None
+    for rnd, cids in schedule:
+        updates = played[rnd] = make_updates(memory, rnd, cids, random_weights(3, rng), rng)
+        starts[rnd] = {cid: memory.plan(rnd, cid).start for cid in cids}
+        for cid in cids:                                    # both plan every client alike
+            assert_identical(starts[rnd][cid], stored.plan(rnd, cid).start, f"{rnd}/{cid}")
+        assert_same_result(memory.aggregate(rnd, copy.deepcopy(updates)), stored.aggregate(rnd, copy.deepcopy(updates)))
+        if rnd == 2:
+            tensors, meta = stored.state_dict()
+            checkpoint = (load(save(tensors)), json.loads(json.dumps(meta)))
+    for attr in memory.client_state:
+        assert_identical(getattr(memory, attr), dict(getattr(stored, attr)), attr)
+
+    resumed = with_store(name, params, ranks, tmp_path)
+    resumed.load_state_dict(*checkpoint)
+    for rnd, cids in schedule[2:]:
+        for cid in cids:
+            assert_identical(resumed.plan(rnd, cid).start, starts[rnd][cid], f"{rnd}/{cid}")
+        resumed.aggregate(rnd, copy.deepcopy(played[rnd]))
+    for attr in memory.client_state:
+        assert_identical(getattr(memory, attr), dict(getattr(resumed, attr)), attr)
+    for attr in memory.global_state:
+        assert_identical(getattr(memory, attr), getattr(resumed, attr), attr)
+
+
+def test_an_inline_checkpoint_loads_into_a_store_and_a_store_checkpoint_needs_one(tmp_path):
+    agg, _ = make_aggregator("fedsa")
+    rng = np.random.default_rng(22)
+    agg.aggregate(1, make_updates(agg, 1, [0, 2], random_weights(2, rng), rng))
+    stored = with_store("fedsa", {}, (2, 2, 2), tmp_path)
+    stored.load_state_dict(*through_json(agg))
+    assert_identical(agg.client_b, dict(stored.client_b), "client_b")
+    plain, _ = make_aggregator("fedsa")
+    with pytest.raises(ValueError, match="use_client_store"):
+        plain.load_state_dict(*through_json(stored))

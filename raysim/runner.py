@@ -11,6 +11,7 @@ The driver never imports torch, transformers or peft.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from datetime import datetime
@@ -97,7 +98,7 @@ def _check_task_keys(cfg: ExperimentConfig) -> None:
                               f"takes {size}×{size} images; use {size} or null")
 
 
-def start_ray(address: str | None, cfg: ExperimentConfig, verbose: bool = False) -> bool:
+def start_ray(address: str | None, cfg: ExperimentConfig, verbose: bool = False, driver_cpus: int = 0) -> bool:
     """Join or start Ray: an explicit address, else RAY_ADDRESS (set inside a Ray job), else a private local
     instance without dashboard (never another user's cluster by accident). Returns True if this call started
     Ray (and so should stop it)."""
@@ -116,7 +117,8 @@ def start_ray(address: str | None, cfg: ExperimentConfig, verbose: bool = False)
             raise ConfigError(f"resources.num_workers: {cfg.resources.num_workers} workers × cpus_per_worker "
                               f"{cfg.resources.cpus_per_worker:g} need {need:g} CPUs but this machine has {have}; "
                               "use fewer workers, a smaller resources.cpus_per_worker, or a cluster (--address)")
-        ray.init(address="local", num_cpus=have, include_dashboard=False, **quiet)
+        # driver_cpus: logical CPUs for processes that mostly wait (a sweep's trial drivers), on top of the cores
+        ray.init(address="local", num_cpus=max(have, math.ceil(need) + driver_cpus), include_dashboard=False, **quiet)
     return True
 
 

@@ -375,3 +375,22 @@ def test_a_trial_larger_than_the_cluster_is_refused_before_tune_starts(ray_local
     with pytest.raises(ConfigError, match="a trial needs 2 GPUs"):
         run_sweep(spec, tmp_path / "sweep", quiet=True)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_local_sweep_counts_the_trial_driver_apart_from_the_cores(monkeypatch):
+    """A trial = its driver (1 logical CPU, mostly waiting) + its workers: on 2 cores a 2-worker trial fits
+    (3 logical CPUs), a 3-worker one is refused; the cores themselves are never inflated."""
+    import ray
+
+    import raysim.runner
+    from raysim.errors import ConfigError
+    from raysim.tune.driver import start_sweep_ray
+
+    started = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.update(k))
+    monkeypatch.setattr(raysim.runner.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert start_sweep_ray(None, 3.0, None, False) and started["num_cpus"] == 3
+    with pytest.raises(ConfigError, match="resources.num_workers"):
+        start_sweep_ray(None, 4.0, None, False)

@@ -91,10 +91,11 @@ def start_sweep_ray(address: str | None, need_cpus: float, num_cpus: int | None,
     instance — here with logical CPUs for the largest trial (or --num-cpus). True if this call started Ray."""
     from raysim.runner import start_ray
 
-    cpus = max(math.ceil(need_cpus), num_cpus or 0)
-    # start_ray sizes a local instance as max(cores, num_workers × cpus_per_worker)
-    return start_ray(address, SimpleNamespace(resources=SimpleNamespace(num_workers=cpus, cpus_per_worker=1)),
-                     verbose)
+    # a trial's first bundle (1 CPU) holds its driver, which waits on its workers: it is not counted against
+    # the machine's cores; the workers are (start_ray refuses more than the cores, never inflating them)
+    workers = max(math.ceil(need_cpus) - 1, (num_cpus or 0) - 1, 0)
+    return start_ray(address, SimpleNamespace(resources=SimpleNamespace(num_workers=workers, cpus_per_worker=1)),
+                     verbose, driver_cpus=1)
 
 
 def check_cluster_fits(spec: SweepSpec, cluster_gpus: float, strict: bool) -> None:

@@ -51,11 +51,15 @@ def apply_faults(jobs: list[ClientJob]) -> tuple[list[ClientJob], dict[int, Clie
     if delay > 0:
         time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.time())))
     if deadline is not None and time.time() >= deadline:
-        for j in live:
-            failed[j.client_id] = ClientFailure(j.client_id, "not started before the round deadline "
-                                                "(federation.round_timeout_s)", status="straggler")
+        failed.update({j.client_id: missed_deadline(j.client_id) for j in live})
         live = []
     return live, failed
+
+
+def missed_deadline(client_id: int) -> ClientFailure:
+    """The failure of a job skipped because its round's deadline passed before it could start."""
+    return ClientFailure(client_id, "not started before the round deadline (federation.round_timeout_s)",
+                         status="straggler")
 
 
 def corrupt_results(jobs: list[ClientJob], results: list) -> list:

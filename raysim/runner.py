@@ -20,7 +20,7 @@ from typing import Any, Callable
 from raysim.config import ConfigError, ExperimentConfig
 from raysim.metrics import RunWriter
 from raysim.recorder import PhaseClock, Recorder, drive_rounds, progress_bar
-from raysim.storage import RunStorage
+from raysim.storage import RunStorage, refuse_node_local
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,7 +165,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str
     clock.lap("ray_init_s")
     session = None
     try:
-        _refuse_node_local(run_dir)
+        refuse_node_local(run_dir)
         session = Session.start(cfg, raw, partition, run_dir)
         _warn_truncation(session.data_report, cfg)
         first_round = session.restore(found, writer) if resume else 1
@@ -272,19 +272,6 @@ def _on_head_node() -> dict[str, Any]:
     from ray.util import get_current_placement_group
 
     return {} if get_current_placement_group() is not None else {"resources": {"node:__internal_head__": 0.001}}
-
-
-def _refuse_node_local(run_dir) -> None:
-    """On a cluster of several nodes, outputs must go where every node (and the user) can read them."""
-    import ray
-
-    from raysim.storage import is_node_local
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and is_node_local(run_dir) and not os.environ.get("RAYSIM_SHARED_OUT"):
-        raise ConfigError(f"--out: {run_dir} is on this machine's local disk, but the Ray cluster has {len(nodes)} "
-                          "nodes; give shared storage (s3://bucket/prefix, gs://..., or a path on a shared "
-                          "filesystem with RAYSIM_SHARED_OUT=1)")
 
 
 def _warn_truncation(report: dict[str, int], cfg: ExperimentConfig) -> None:

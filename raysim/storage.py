@@ -38,6 +38,21 @@ def is_node_local(target: "str | os.PathLike | RunStorage") -> bool:
     return not _is_uri(text) or urlsplit(text).scheme == "file"
 
 
+def refuse_node_local(target: "str | os.PathLike | RunStorage") -> None:
+    """ConfigError when `target` is on this machine's disk while the Ray cluster has several nodes: workers
+    and sweep trials run on any of them. A path on a filesystem every node mounts: RAYSIM_SHARED_OUT=1."""
+    import ray
+
+    from raysim.errors import ConfigError
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and is_node_local(target) and not os.environ.get("RAYSIM_SHARED_OUT"):
+        raise ConfigError(f"{RunStorage.of(target).uri()} is on this machine's local disk, but the Ray cluster has "
+                          f"{len(nodes)} nodes and runs work on any of them; give shared storage (--out "
+                          "s3://bucket/prefix, gs://..., or a path on a filesystem every node mounts, with "
+                          "RAYSIM_SHARED_OUT=1)")
+
+
 class RunStorage:
     """A filesystem and a root directory in it; every method takes a path relative to the root."""
 

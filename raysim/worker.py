@@ -18,7 +18,7 @@ import ray
 
 from raysim.aggregators.base import ClientData
 from raysim.engines.base import ClientFailure, ClientJob, ClientResult, EngineSettings, EvalResult
-from raysim.faults import apply_faults, corrupt_results
+from raysim.faults import apply_faults, corrupt_results, missed_deadline
 from raysim.lora.factors import delta_matrix
 
 
@@ -159,8 +159,7 @@ class ClientWorkerImpl:
     def _train_one(self, job: ClientJob) -> ClientResult | ClientFailure:
         """One client through the PEFT engine, unless the round's deadline passed while earlier jobs trained."""
         if job.deadline is not None and time.time() >= job.deadline:
-            return ClientFailure(job.client_id, "not started before the round deadline (federation.round_timeout_s)",
-                                 status="straggler")
+            return missed_deadline(job.client_id)
         return self.engine.train_client(job)
 
     def _train_split(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from raysim.config import ConfigError
-from raysim.storage import RunStorage, is_node_local
+from raysim.storage import RunStorage, refuse_node_local
 from raysim.tune.spec import SweepSpec, grid_combinations, parse_sweep
 from raysim.tune.table import TRIALS_DIR, TUNE_DIR, print_summary, trials_table, write_trials
 from raysim.tune.trial import make_resources, make_trainable, trial_bundles, trial_config, trial_dirname
@@ -167,19 +167,6 @@ def run_sweep(spec: SweepSpec | None, sweep_dir: "str | Path | RunStorage", *, r
         _ACTIVE = None
         if started:
             ray.shutdown()
-
-
-def refuse_node_local(sweep: "RunStorage | str | Path") -> None:
-    """Trials run on any node of a cluster, so a sweep directory on one machine's disk cannot hold their
-    outputs. A path on a filesystem every node mounts is allowed with RAYSIM_SHARED_OUT=1."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and is_node_local(sweep) and not os.environ.get("RAYSIM_SHARED_OUT"):
-        raise ConfigError(f"sweep directory {RunStorage.of(sweep).uri()} is on this machine's local disk, but the "
-                          f"Ray cluster has {len(nodes)} nodes and trials run on any of them; give shared storage "
-                          "(--out s3://bucket/prefix, gs://..., or a path on a filesystem every node mounts, with "
-                          "RAYSIM_SHARED_OUT=1)")
 
 
 def _sweep_to_run(spec: SweepSpec | None, sweep: RunStorage, resume: bool) -> SweepSpec:

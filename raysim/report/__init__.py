@@ -11,8 +11,13 @@ Everything is read from the Parquet/JSON/YAML files, so a report can be made on 
 a local path or a filesystem URI (s3://bucket/prefix, ...; read through `raysim.storage.RunStorage`).
 Output goes to DIR/report/ unless --out is given (a local folder, or a URI: the files are uploaded).
 
+With `--claims FILE`, DIR is a folder of sweeps (e.g. runs/reproduce) and the output is one document,
+reproduction.md, with a verdict per paper claim of FILE from paired comparisons across seeds.
+
 Modules: `load` (reading run and sweep directories), `fmt` (cell formatting), `tables` (markdown
-tables and config facts), `plots` (matplotlib figures), `run` and `sweep` (the two reports), `cli`.
+tables and config facts), `plots` (matplotlib figures), `run` and `sweep` (the two reports), `claims_spec`
+(the claims file), `paired` (pairing and verdicts), `claims` and `claims_md` (the reproduction document),
+`cli`.
 """
 
 from raysim.report.cli import add_cli, make_report

@@ -33,16 +33,21 @@ def fmt_float(v: Any, sci: bool = False, digits: int = 3) -> str:
     return f"{float(v):.2e}" if sci else f"{float(v):.{digits}f}"
 
 
+def mean_and_std(vals: list[float]) -> tuple[float, float | None]:
+    """(mean, sample standard deviation) of a non-empty list; the deviation is None for one value."""
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
 def fmt_mean_std(values, sci: bool) -> str:
     """Mean ± sample standard deviation of the non-missing values (just the mean for one value)."""
     vals = [float(v) for v in values if not is_missing(_scalar(v))]
     if not vals:
         return "-"
-    mean = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return fmt_float(mean, sci)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{fmt_float(mean, sci)} ± {fmt_float(std, sci)}"
+    mean, std = mean_and_std(vals)
+    return fmt_float(mean, sci) if std is None else f"{fmt_float(mean, sci)} ± {fmt_float(std, sci)}"
 
 
 def fmt_seconds(v: Any) -> str:

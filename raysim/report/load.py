@@ -91,7 +91,7 @@ def trial_rounds(df, sweep: RunStorage, dims: list[str], base_agg: str):
 
     frames = []
     for _, r in df.iterrows():
-        run = _trial_run(sweep, str(r["trial"]), r.get("run_dir"))
+        run = trial_run(sweep, str(r["trial"]), r.get("run_dir"))
         if run is None:
             continue
         rounds = rounds_frame(run)[["round", "accuracy"]]
@@ -104,7 +104,7 @@ def trial_rounds(df, sweep: RunStorage, dims: list[str], base_agg: str):
     return allr if len(allr) else None
 
 
-def _trial_run(sweep: RunStorage, trial: str, recorded: Any) -> RunStorage | None:
+def trial_run(sweep: RunStorage, trial: str, recorded: Any) -> RunStorage | None:
     """A trial's run directory: in the sweep directory as given (which may have been copied or moved), else
     where trials.parquet recorded it; None when neither has rounds.parquet."""
     candidates = [sweep.child(f"trials/{trial}")]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from raysim.report.fmt import fmt_value, sorted_unique
 from raysim.report.load import AGG, ALPHA
+from raysim.report.paired import EXPECT_WORDS
 
 MARKERS = "osD^vP*X"
 LINESTYLES = ["-", "--", ":", "-."]
@@ -148,3 +149,54 @@ def accuracy_curves(allr, alpha_swept: bool):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
+
+
+# units of the metrics a claim may compare (the y-axis of claim-<id>.png); any other: "metric units"
+METRIC_UNITS = {"accuracy": "fraction correct, 0–1", "best_accuracy": "fraction correct, 0–1",
+                "exact_match": "fraction of prompts answered exactly, 0–1",
+                "personalized_accuracy": "fraction correct on own test split, 0–1",
+                "personalized_accuracy_mean": "fraction correct on own test split, 0–1",
+                "personalized_accuracy_p10": "fraction correct on own test split, 0–1",
+                "deviation_rel": "ratio ‖ideal − applied‖/‖ideal‖", "max_deviation_rel": "ratio",
+                "bytes_up": "bytes", "bytes_down": "bytes", "loss": "nats", "train_loss": "nats",
+                "perplexity": "exp(nats per token)", "wall_s": "seconds"}
+
+
+def metric_label(metric) -> str:
+    """The axis label of a claim's metric (a claims_spec.Metric), with its unit."""
+    unit = METRIC_UNITS.get(metric.column, "metric units")
+    if metric.reducer is None:
+        return f"final {metric.column} ({unit})"
+    return f"{metric.column} per round, {metric.reducer} over rounds ({unit})"
+
+
+def claim_plot(claim, outcomes):
+    """One panel per comparison that has pairs: each pair's b and a joined by a line, and the mean ± std of
+    each side; None when no comparison has pairs."""
+    shown = [(i, o) for i, o in enumerate(outcomes, start=1) if o.pairs is not None]
+    if not shown:
+        return None
+    fig, axes = pyplot().subplots(1, len(shown), figsize=(3.4 * len(shown) + 0.6, 4.0), squeeze=False)
+    values = [v for _, o in shown for v in list(o.pairs["a"]) + list(o.pairs["b"])]
+    log = "deviation" in claim.metric.column and min(values) > 0 and max(values) > 100 * min(values)
+    for ax, (i, o) in zip(axes[0], shown):
+        keys = [k for k in o.pairs.columns if k not in ("a", "b", "diff", "trial_a", "trial_b")]
+        for k, (_, p) in enumerate(o.pairs.iterrows()):
+            ax.plot([0, 1], [p["b"], p["a"]], marker=MARKERS[k % len(MARKERS)], color=f"C{k % 10}", alpha=0.7,
+                    label=", ".join(f"{key} {fmt_value(p[key])}" for key in keys) if len(o.pairs) <= 8 else None)
+        for x, col in ((-0.15, "b"), (1.15, "a")):
+            ax.errorbar([x], [o.pairs[col].mean()], yerr=[o.pairs[col].std(ddof=1)], fmt="s", color="black",
+                        capsize=4)
+        ax.set_xticks([0, 1])
+        ax.set_xticklabels([f"b: {o.label_b}", f"a: {o.label_a}"], fontsize=8)
+        ax.set_xlim(-0.4, 1.4)
+        if log:
+            ax.set_yscale("log")
+        ax.set(xlabel="setting compared (black: mean ± std)", ylabel=metric_label(claim.metric),
+               title=f"{i}: expected {EXPECT_WORDS[o.comparison.expect]} — {o.verdict}")
+        ax.title.set_fontsize(8)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{claim.id}: paired trials per seed", fontsize=9)
+    return fig
+

@@ -18,7 +18,12 @@ TRIALS_DIR = "trials"        # one raysim run directory per trial
 
 RESULT_COLUMNS = ["status", "rounds_done", "rounds", "accuracy", "loss", "deviation_rel", "max_deviation_rel",
                   "best_accuracy", "best_round", "personalized_accuracy", "train_loss", "bytes_up", "bytes_down",
-                  "wall_s", "run_dir", "error"]
+                  "wall_s", "run_dir", "error",
+                  # added after the columns above (whose order stays): last evaluated values of more metrics
+                  "exact_match", "perplexity", "personalized_accuracy_mean", "personalized_accuracy_p10"]
+
+# rounds.parquet columns whose last evaluated (non-null) value is a trials.parquet column of the same name
+LAST_EVALUATED = ("exact_match", "perplexity", "personalized_accuracy_mean", "personalized_accuracy_p10")
 
 
 def trials_table(spec: SweepSpec, sweep_dir: "RunStorage | str | os.PathLike"):
@@ -98,7 +103,14 @@ def _rounds_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "deviation_rel": last.get("deviation_rel"), "max_deviation_rel": s["max_deviation_rel"],
         "best_accuracy": s["best"]["accuracy"], "best_round": s["best"]["round"],
         "personalized_accuracy": last.get("personalized_accuracy"), "train_loss": last.get("train_loss"),
-        "bytes_up": s["totals"]["bytes_up"], "bytes_down": s["totals"]["bytes_down"], "wall_s": s["wall_s"]}
+        "bytes_up": s["totals"]["bytes_up"], "bytes_down": s["totals"]["bytes_down"], "wall_s": s["wall_s"],
+        **{k: _last_evaluated(rows, k) for k in LAST_EVALUATED}}
+
+
+def _last_evaluated(rows: list[dict[str, Any]], key: str) -> Any:
+    """The value of `key` in the last row where it is set (rounds without an evaluation leave it null)."""
+    values = [r.get(key) for r in rows if r.get(key) is not None and r.get(key) == r.get(key)]
+    return values[-1] if values else None
 
 
 def write_trials(table, sweep_dir: "RunStorage | str | os.PathLike") -> str:

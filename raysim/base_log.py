@@ -23,6 +23,24 @@ Pair = tuple[np.ndarray, np.ndarray | None]               # (u, v) factored, or 
 Delta = dict[str, Pair]                                   # module -> pair, float64
 
 
+def compacted(delta: dict[str, BaseDelta]) -> dict[str, BaseDelta]:
+    """Each module's change factored or dense, whichever is smaller, float64; empty residuals (one client:
+    nothing changes) left out."""
+    out = {}
+    for name, d in delta.items():
+        if _empty(d):
+            continue
+        if d.v is None:
+            out[name] = BaseDelta(np.asarray(d.u, dtype=np.float64), None)
+        else:
+            out[name] = compact_delta(np.asarray(d.u, dtype=np.float64), np.asarray(d.v, dtype=np.float64))
+    return out
+
+
+def _empty(d: BaseDelta) -> bool:
+    return d.v is not None and d.u.shape[1] == 0
+
+
 class BaseDeltaLog:
     def __init__(self) -> None:
         self.entries: list[tuple[int, Delta]] = []
@@ -37,18 +55,16 @@ class BaseDeltaLog:
 
     def record(self, version: int, delta: dict[str, BaseDelta]) -> None:
         """Append version `version`; each module is kept factored or dense, whichever is smaller."""
-        per_module, sizes = {}, {}
-        for name, d in delta.items():
-            if d.v is not None and d.u.shape[1] == 0:
-                continue                                  # an empty residual (one client): nothing changes
-            sizes[name] = d.numel()
-            if d.v is None:
-                per_module[name] = (np.asarray(d.u, dtype=np.float64), None)
-            else:
-                c = compact_delta(np.asarray(d.u, dtype=np.float64), np.asarray(d.v, dtype=np.float64))
-                per_module[name] = (c.u, c.v)
-        self.entries.append((version, per_module))
+        sizes = {name: d.numel() for name, d in delta.items() if not _empty(d)}
+        self.entries.append((version, {name: (d.u, d.v) for name, d in compacted(delta).items()}))
         self._add_sizes(version, sizes)
+
+    def newest(self, version: int) -> dict[str, BaseDelta] | None:
+        """The change recorded as `version`, as stored (dense where that is smaller), or None if the newest
+        entry is another version. The deviation metric reuses it rather than forming it again."""
+        if not self.entries or self.entries[-1][0] != version:
+            return None
+        return {name: BaseDelta(u, v) for name, (u, v) in self.entries[-1][1].items()}
 
     def _add_sizes(self, version: int, sizes: dict[str, int]) -> None:
         """Record the sizes of `version` (newer than every one recorded) and extend the running totals."""

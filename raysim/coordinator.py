@@ -13,6 +13,7 @@ resolves and writes them while this actor already runs the next round. All rando
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from raysim.aggregators import resolve_aggregator
 from raysim.aggregators.base import AggregateResult, ClientPlan, ClientUpdate
 from raysim.base_log import BaseDeltaLog
 from raysim.client_store import ClientStore
+from raysim.clients import client_index
 from raysim.config import ExperimentConfig
 from raysim.data.noise import apply_label_noise
 from raysim.engines.base import ClientJob
@@ -105,6 +107,20 @@ def _pairs(delta) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     return None if not delta else {name: (d.u, d.v) for name, d in delta.items()}
 
 
+def timed(key: str):
+    """Record a phase's wall time in `self.phase_s[key]` (the round's row reports it)."""
+    def wrap(method):
+        @functools.wraps(method)
+        def inner(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self.phase_s[key] = time.perf_counter() - t0
+        return inner
+    return wrap
+
+
 class CoordinatorImpl:
     def __init__(self, cfg: ExperimentConfig, raw, partition: dict[str, Any], spec: WorkerSpec, workers: list,
                  run_dir=None):
@@ -113,8 +129,8 @@ class CoordinatorImpl:
         threadpool_limits(blas_threads(cfg))             # server math: the CPUs the workers leave free
         self.cfg = cfg
         self.test_idx = np.asarray(partition["test_idx"])
-        self.client_train = [np.asarray(x) for x in partition["client_train"]]
-        self.client_test = [np.asarray(x) for x in partition["client_test"]]
+        self.clients = client_index(partition, cfg)           # each client's training and local test rows
+        self.client_train, self.client_test = self.clients.train, self.clients.test
         self.base_log = BaseDeltaLog()
         self.pool = WorkerPool(spec, workers, self.base_log)     # workers build their models meanwhile
         self.task = task_for(cfg)
@@ -124,9 +140,9 @@ class CoordinatorImpl:
             arrays["labels"], noisy = apply_label_noise(arrays["labels"], self.client_train, cfg, spec.num_labels)
         self.noisy = {int(c) for c in noisy}
         self.gen_idx = self.task.generation_subset(self.test_idx, cfg.seed)   # evaluated by generation
-        self.pool.attach_data(ray.put(arrays))
+        self.pool.attach_data(ray.put(arrays), self.clients.per_client)
         self.sampler = ClientSampler(cfg.federation.num_clients, cfg.federation.clients_per_round, cfg.seed)
-        self.ranks = assign_ranks(cfg, [len(t) for t in self.client_train])
+        self.ranks = assign_ranks(cfg, self.clients.train_sizes())
         self.aggregator = resolve_aggregator(cfg.aggregator.name, cfg.aggregator.params(), cfg)
         self.aggregator.use_client_store(self._client_store(run_dir, "aggregator"))
         self.faults = FaultInjector(cfg.faults, cfg.seed)
@@ -141,6 +157,7 @@ class CoordinatorImpl:
         self.personal_inputs: dict[int, list] = {}            # the last rounds' personalised evaluation items
         self.started = time.time()
         self.elapsed_before = 0.0
+        self.phase_s: dict[str, float] = {}                   # this round's dispatch and aggregation times
 
     def _client_store(self, run_dir, part: str) -> ClientStore | None:
         """Per-client state in files under <run_dir>/client_state/<part> (None without a run directory: in memory)."""
@@ -188,6 +205,7 @@ class CoordinatorImpl:
         self.ledger.mark_synced(sampled, self.base_log.version)
         return RoundPlan(plans, down)
 
+    @timed("dispatch_s")
     def dispatch(self, rnd: int, plan: RoundPlan) -> dict[int, JobOutcome]:
         """Train the clients on the workers (deadline, retries, stragglers)."""
         fed = self.cfg.federation
@@ -212,6 +230,7 @@ class CoordinatorImpl:
             elif fed.clip_update_norm is not None:
                 got.factors = clip_update(p.start, got.factors, p.train, fed.clip_update_norm)
 
+    @timed("aggregate_s")
     def aggregate(self, rnd: int, plan: RoundPlan, outcomes: dict[int, JobOutcome]) -> Aggregated:
         """Fold the completed clients into the global adapter, the heads and the base-delta log."""
         old_global = {k: f.copy() for k, f in self.aggregator.global_factors.items()}
@@ -223,6 +242,8 @@ class CoordinatorImpl:
                               {u.client_id: u.weight for u in updates})
             if result.base_delta:
                 self.base_log.record(rnd, result.base_delta)
+                # versions every worker holds, and older than any evaluation that may be re-run: one entry
+                self.base_log.compact(min(self.pool.synced_version(), rnd - 2))
         return Aggregated(updates, result, old_global)
 
     def rerank(self, rnd: int) -> None:
@@ -256,7 +277,8 @@ class CoordinatorImpl:
             updates = sorted(agg.updates, key=lambda u: u.client_id)      # order-independent round-off
             per_module = {name: [(u.weight, u.factors[name]) for u in updates] for name in updates[0].factors}
             pending.deviation = deviation_task.remote(per_module, self.aggregator.global_factors,
-                                                      agg.result.base_delta, agg.old_global, blas_threads(self.cfg))
+                                                      self.base_log.newest(rnd) if agg.result.base_delta else None,
+                                                      agg.old_global, blas_threads(self.cfg))
         return pending
 
     def _evaluate_personal(self, rnd: int, agg: Aggregated, pending: Pending) -> None:
@@ -339,7 +361,8 @@ class CoordinatorImpl:
         up = sum(self.ledger.upload_numel(plan.clients[r.client_id], r.hook_output) for r in sent)
         needed = self.cfg.federation.min_completed_fraction * len(outcomes)
         row = {"round": rnd, "wall_s": self.elapsed_before + (time.time() - self.started),
-               "round_time_s": round_time, **dict.fromkeys(ROW_METRICS),
+               "round_time_s": round_time, "dispatch_s": self.phase_s.get("dispatch_s"),
+               "aggregate_s": self.phase_s.get("aggregate_s"), **dict.fromkeys(ROW_METRICS),
                **dict.fromkeys(PERSONAL_METRICS),
                "deviation_rel": agg.result.deviation_rel, "deviation_rel_round": agg.result.deviation_rel_round,
                "bytes_up": int(up * wire), "bytes_down": int(plan.download_numel * wire),
@@ -359,7 +382,7 @@ class CoordinatorImpl:
         for cid, plan in plans.items():
             r = outcomes[cid].result
             up = self.ledger.upload_numel(plan, r.hook_output) * wire if r else 0
-            rows.append(client_row(rnd, cid, self.ranks[cid], plan, outcomes[cid], int(len(self.client_train[cid])),
+            rows.append(client_row(rnd, cid, self.ranks[cid], plan, outcomes[cid], int(self.clients.train_sizes()[cid]),
                                    cid in self.noisy, int(up)))
         return rows
 

@@ -47,10 +47,14 @@ def evaluate_run(run_dir: str | Path, batch_size: int = 64, client: int | None =
     from raysim.engines.peft_engine import DataArrays
     from raysim.tasks import task_for
 
+    from raysim.clients import client_index
+
     model, cfg, raw, partition = load_run_model(run_dir)
     task = task_for(cfg)
+    if client is not None and partition.get("per_client") is not None:    # per-client data: its own examples
+        raw = partition["per_client"].client(client)
     data = DataArrays(task.arrays(raw), torch.device("cpu"))
-    idx = np.asarray(partition["test_idx"] if client is None else partition["client_test"][client])
+    idx = np.asarray(partition["test_idx"] if client is None else client_index(partition, cfg).test[client])
     gen = task.generation_subset(idx, cfg.seed) if client is None else None
     with torch.no_grad():
         total = task.evaluate(model, data, idx, batch_size, contextlib.nullcontext, gen)

@@ -42,7 +42,7 @@ class Membership:
         self.start_timeout_s = start_timeout_s
         self.slots = [Slot(h, i) for i, h in enumerate(handles)]
         self.next_index = len(handles)
-        self.data_ref = None
+        self.data_args: tuple | None = None     # what set_data gets: (arrays ref, per-client source ref)
         self.given_up = 0              # replacements that never started (no capacity)
 
     def usable(self) -> list[Slot]:
@@ -53,7 +53,7 @@ class Membership:
         slot = Slot(self.spawn_worker(self.spec, self.next_index), self.next_index, ready=False,
                     started=time.monotonic())
         self.next_index += 1
-        slot.ready_ref = slot.handle.set_data.remote(self.data_ref)
+        slot.ready_ref = slot.handle.set_data.remote(*self.data_args)
         self.slots.append(slot)
         return slot
 
@@ -69,7 +69,7 @@ class Membership:
     def top_up(self) -> None:
         """Poll the starting workers; ask for new ones up to resources.num_workers."""
         self.poll()
-        while len(self.slots) < self.spec.num_workers and self.data_ref is not None:
+        while len(self.slots) < self.spec.num_workers and self.data_args is not None:
             self.spawn()
 
     def poll(self) -> None:

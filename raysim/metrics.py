@@ -28,7 +28,7 @@ from raysim.storage import RunStorage
 
 ROUND_SCHEMA = pa.schema([
     ("round", pa.int64()), ("wall_s", pa.float64()), ("round_time_s", pa.float64()),
-    ("accuracy", pa.float64()), ("loss", pa.float64()), ("perplexity", pa.float64()),
+    ("dispatch_s", pa.float64()), ("aggregate_s", pa.float64()), ("accuracy", pa.float64()), ("loss", pa.float64()), ("perplexity", pa.float64()),
     ("exact_match", pa.float64()), ("macro_f1", pa.float64()), ("mcc", pa.float64()), ("pearson", pa.float64()),
     ("spearman", pa.float64()), ("personalized_accuracy", pa.float64()), ("personalized_loss", pa.float64()),
     ("deviation_rel", pa.float64()), ("deviation_rel_round", pa.float64()),

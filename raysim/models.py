@@ -401,10 +401,11 @@ def token_cache_dir() -> Path:
     return Path(os.environ.get("RAYSIM_CACHE", Path.home() / ".cache" / "raysim")) / "tokens"
 
 
-def tokenize_for_model(raw, cfg) -> dict[str, Any]:
-    """Token ids, masks and labels as numpy arrays for the object store (cached on disk)."""
+def tokenize_for_model(raw, cfg, disk_cache: bool = True) -> dict[str, Any]:
+    """Token ids, masks and labels as numpy arrays for the object store (cached on disk unless `disk_cache` is
+    False: one client's few examples are not worth a cache file)."""
     from raysim.data.tokenize import tokenize
 
     tokenizer = None if raw.texts is None else load_tokenizer(cfg.model.name)
-    data = tokenize(raw, tokenizer, cfg.model.max_length, cache_dir=token_cache_dir())
+    data = tokenize(raw, tokenizer, cfg.model.max_length, cache_dir=token_cache_dir() if disk_cache else None)
     return {"input_ids": data.input_ids, "attention_mask": data.attention_mask, "labels": data.labels}

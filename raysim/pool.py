@@ -178,10 +178,11 @@ class WorkerPool:
 
     # -- setup ------------------------------------------------------------------------------------------
 
-    def attach_data(self, data_ref) -> None:
-        """Give every worker the tokenised arrays (one object-store copy, zero-copy views)."""
-        self.members.data_ref = data_ref
-        refs = [s.handle.set_data.remote(data_ref) for s in self.members.slots]
+    def attach_data(self, data_ref, per_client=None) -> None:
+        """Give every worker the tokenised arrays (one object-store copy, zero-copy views) and, for per-client
+        data, the source each worker reads or generates its clients' examples from."""
+        self.members.data_args = (data_ref, None if per_client is None else ray.put(per_client))
+        refs = [s.handle.set_data.remote(*self.members.data_args) for s in self.members.slots]
         self._get_all(refs, self.startup_timeout_s, "workers did not start")
 
     def _get_all(self, refs, timeout_s: float, what: str):
@@ -214,6 +215,11 @@ class WorkerPool:
     def _replace_unresponsive(self) -> None:
         for slot in [s for s in self.members.usable() if not _responds(s.handle)]:
             self.members.replace(slot)
+
+    def synced_version(self) -> int:
+        """The oldest base version a worker that holds any has been sent (0 when none holds one): the base log
+        may merge its entries up to here without a worker ever applying a change twice."""
+        return min((s.base_version for s in self.members.slots if s.base_version > 0), default=0)
 
     def _sync(self, slot: Slot) -> None:
         """Queue the base deltas this worker lacks; actor order guarantees they apply before later calls."""

@@ -32,7 +32,10 @@ os.environ.setdefault("RAY_enable_metrics_collection", "0")     # no metrics exp
 
 def prepare_data(cfg: ExperimentConfig):
     """Load the source and partition it; every data mistake is a ConfigError raised here, before Ray."""
+    import numpy as np
+
     from raysim.data.federated import split_and_partition
+    from raysim.data.per_client import is_per_client, open_per_client
     from raysim.data.sources import load_source
     from raysim.lora.targets import check_target_modules
     from raysim.models import architecture, check_model_name, modules_to_save, target_modules
@@ -47,12 +50,16 @@ def prepare_data(cfg: ExperimentConfig):
 
     check_ranks_fit(cfg)                                  # rank <= min(m, n), from the model's config
     _check_task_keys(cfg)
-    raw = load_source(cfg.data, cfg.seed, task=cfg.task.type)
+    per_client = open_per_client(cfg) if is_per_client(cfg.data) else None
+    # per-client data: only the global test set (the held-out clients' examples) is loaded here
+    raw = load_source(cfg.data, cfg.seed, task=cfg.task.type) if per_client is None else per_client.test_set()
     _check_texts(cfg, raw)
     _check_prompts_fit(cfg, raw)
     if cfg.eval.group_by and cfg.eval.group_by not in raw.columns:
         raise ConfigError(f"eval.group_by: column {cfg.eval.group_by!r} not found; columns: "
                           f"{', '.join(sorted(raw.columns)) or '(none besides the text and the label)'}")
+    if per_client is not None:
+        return raw, {"test_idx": np.arange(len(raw), dtype=np.int64), "per_client": per_client}
     test_idx, client_train, client_test = split_and_partition(raw, cfg)
     return raw, {"test_idx": test_idx, "client_train": client_train, "client_test": client_test}
 
@@ -176,7 +183,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str
         if failure is None:                            # a failed run gets no adapter: it is not a result
             _export_adapter(session, writer, cfg, int(raw.num_labels))
         summary = writer.write_summary(cfg.to_yaml_dict(), {
-            "status": "failed" if failure else "completed", "failure": failure, "data": session.data_report,
+            "status": "failed" if failure else "completed", "failure": failure, "data": _data_facts(session, partition),
             "setup_s": clock.phases["data_s"] + clock.phases["ray_init_s"] + clock.phases["workers_ready_s"],
             "total_s": clock.elapsed(), "gpus_per_worker": session.spec.gpus,
             "run_dir": RunStorage.of(run_dir).uri(), "cluster": _cluster_info()})
@@ -189,6 +196,12 @@ def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str
         clock.lap("teardown_s")
     summary["startup_phases"] = clock.summary()
     return summary
+
+
+def _data_facts(session: "Session", partition: dict[str, Any]) -> dict[str, Any]:
+    """What tokenisation cut, and for per-client data what the source holds (clients, held-out clients, ...)."""
+    per_client = partition.get("per_client")
+    return {**session.data_report, **({"per_client": per_client.describe()} if per_client is not None else {})}
 
 
 def _cluster_info() -> dict[str, Any]:

@@ -25,6 +25,15 @@ class SyntheticConfig(_Strict):
     num_labels: int = Field(4, ge=2, description="number of classes")
     key_fraction: float = Field(0.25, gt=0, le=1, description="share of positions holding class key tokens; "
                                 "higher makes the task easier")
+    examples_per_client: int | None = Field(None, ge=2, description="`synthetic:text-cls` only: generate the "
+                                            "data per client instead of one pool (num_examples is then unused). "
+                                            "A client's examples are made from (seed, client id) by the worker "
+                                            "that trains it, so a run can have millions of clients; a client "
+                                            "holds about this many (see size_sigma); partition iid or dirichlet "
+                                            "sets each client's label mix; null: one pooled data set")
+    size_sigma: float = Field(0.5, ge=0, le=3, description="per-client synthetic data: spread of the client "
+                              "sizes, lognormal with this sigma around examples_per_client (0: all equal); "
+                              "never below data.partition.min_samples")
 
 
 class ArithConfig(_Strict):
@@ -132,7 +141,9 @@ class DataConfig(_Strict):
 
     source: str = Field("embedded:bbc-news", description="`embedded:bbc-news` (bundled news topics), "
                         "`synthetic:text-cls` (generated, see data.synthetic), `parquet:PATH`, `csv:PATH`, "
-                        "`jsonl:PATH` or `hf-disk:PATH` (a `datasets.save_to_disk` folder)")
+                        "`jsonl:PATH`, `hf-disk:PATH` (a `datasets.save_to_disk` folder), or "
+                        "`parquet-dataset:DIR` (a folder of Parquet files read one client at a time, see "
+                        "data.client_column)")
     text_column: str = Field("text", description="column holding the text (file and hf-disk sources)")
     label_column: str = Field("label", description="column holding the class label (file and hf-disk sources); "
                               "any values, mapped to 0..C-1")
@@ -154,7 +165,13 @@ class DataConfig(_Strict):
                                                    "response in the tokenizer's chat template when it has one; "
                                                    "`none` concatenates them as they are")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of the examples held out as the global "
-                                 "test split (0-1, exclusive)")
+                                 "test split (0-1, exclusive); per-client data uses data.test_clients instead")
+    client_column: str | None = Field(None, description="`parquet-dataset:DIR` sources: the column naming each "
+                                      "example's client; every distinct value is one client (required there, "
+                                      "unused elsewhere)")
+    test_clients: int = Field(50, ge=1, description="per-client data (`parquet-dataset:DIR`, or "
+                              "data.synthetic.examples_per_client): this many clients, chosen at random, are "
+                              "held out and their examples form the global test set")
     local_test_fraction: float = Field(0.2, ge=0, lt=1, description="share of each client's examples kept "
                                        "as its local test split for personalised evaluation (0 = none)")
     max_examples: int | None = Field(None, ge=2, description="use at most this many examples, sampled "
@@ -175,8 +192,8 @@ class DataConfig(_Strict):
     def _known_source(cls, v: str) -> str:
         kinds = ("embedded:bbc-news", "embedded:digits", "synthetic:text-cls", "synthetic:text-pair",
                  "synthetic:regression", "synthetic:arith")
-        prefixes = ("parquet:", "csv:", "jsonl:", "hf-disk:", "image-folder:")
+        prefixes = ("parquet:", "parquet-dataset:", "csv:", "jsonl:", "hf-disk:", "image-folder:")
         if v in kinds or (v.startswith(prefixes) and len(v.split(":", 1)[1]) > 0):
             return v
         raise ValueError(f"unknown data source {v!r}; allowed: {', '.join(kinds)}, "
-                         "parquet:PATH, csv:PATH, jsonl:PATH, hf-disk:PATH, image-folder:DIR")
+                         "parquet:PATH, parquet-dataset:DIR, csv:PATH, jsonl:PATH, hf-disk:PATH, image-folder:DIR")

@@ -21,6 +21,11 @@ TEST_SPLIT = 1            # the global test split:               default_rng([se
 LOCAL_SPLIT = 2           # clients' local test splits:          default_rng([seed, LOCAL_SPLIT])
 SYNTHETIC = 0x5EED        # synthetic data sources:              default_rng([seed, SYNTHETIC])
 EVAL_SUBSET = 0xE7A1      # test examples evaluated by generation (eval.max_examples): default_rng([seed, EVAL_SUBSET])
+# per-client data (raysim.data.per_client)
+CLIENT_SIZES = 0x5E5E     # synthetic client sizes, all clients at once: default_rng([seed, CLIENT_SIZES])
+SYNTHETIC_CLIENT = 0x5EEC # one synthetic client's examples:  default_rng([seed, SYNTHETIC_CLIENT, client])
+CLIENT_CHOICE = 0xC40C    # held-out and training clients of a dataset: default_rng([seed, CLIENT_CHOICE])
+CLIENT_LOCAL_SPLIT = 0x10C2  # one client's local test split: default_rng([seed, CLIENT_LOCAL_SPLIT, client])
 
 
 def derive_seed(*parts: int) -> int:

@@ -10,6 +10,7 @@ applied first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -20,6 +21,9 @@ from raysim.aggregators.base import ClientData
 from raysim.engines.base import ClientFailure, ClientJob, ClientResult, EngineSettings, EvalResult
 from raysim.faults import apply_faults, corrupt_results, missed_deadline
 from raysim.lora.factors import delta_matrix
+
+
+KEEP_APPLIED = 4          # base changes a worker remembers, to evaluate at a slightly older base version
 
 
 class ClientWorkerImpl:
@@ -59,24 +63,47 @@ class ClientWorkerImpl:
 
         return get_factors(self.model), get_head(self.model)
 
-    def set_data(self, arrays: dict[str, np.ndarray]) -> int:
+    def set_data(self, arrays: dict[str, np.ndarray], per_client=None) -> int:
+        """The tokenised table (all the data, or with per-client data only the global test set) and, for
+        per-client data, the source this worker reads or generates its clients' examples from."""
         from raysim.engines.peft_engine import DataArrays, PeftEngine
+        from raysim.tasks import task_for
+        from raysim.worker_data import ClientExamples
 
         settings = EngineSettings.from_config(self.cfg)
-        data = DataArrays(arrays, self.device)
+        self.table = DataArrays(arrays, self.device)
         self.labels = np.asarray(arrays.get("example_labels", arrays["labels"]))   # one class/group per example
-        self.engine = PeftEngine(self.model, data, settings, self.task)
+        self.examples = None if per_client is None else ClientExamples(per_client, task_for(self.cfg))
+        self.engine = PeftEngine(self.model, self.table, settings, self.task)
         self.cohort = None
         if self.cfg.resources.engine == "cohort":
             from raysim.engines.cohort import CohortEngine, UnsupportedModel
 
             try:
-                self.cohort = CohortEngine(self.model, data, settings, peft=self.engine)
+                self.cohort = CohortEngine(self.model, self.table, settings, peft=self.engine)
             except UnsupportedModel as exc:           # a model the stacked layers cannot hold: PEFT engine
                 import warnings
 
                 warnings.warn(f"resources.engine: cohort unavailable ({exc}); using the peft engine")
         return os.getpid()
+
+    def _use(self, data) -> None:
+        """Point the engines at `data` (the shared table, or a stack of per-client examples)."""
+        for engine in (self.engine, self.cohort):
+            if engine is not None and engine.data is not data:
+                engine.use_data(data)
+
+    def _clients_table(self, cids) -> dict[int, int] | None:
+        """Per-client data: stack the clients' examples into the engines' table and return each client's first
+        row in it (a client's rows are local to its examples). None with pooled data: rows are global."""
+        if self.examples is None:
+            return None
+        from raysim.engines.peft_engine import DataArrays
+
+        table, offsets = self.examples.gather(cids)
+        self.labels = np.asarray(table.get("example_labels", table["labels"]))
+        self._use(DataArrays(table, self.device))
+        return offsets
 
     def sync_base(self, deltas: list[tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]]) -> int:
         """Fold every base delta with version > ours: W_base += u @ v (nn.Linear orientation)."""
@@ -92,6 +119,8 @@ class ClientWorkerImpl:
                 fold_into_base(self.layers[name], r)
             self.applied.append((version, per_module))
             self.base_version = version
+        # only the newest changes can be undone for a re-run evaluation (the last round or two): keep those
+        del self.applied[:-KEEP_APPLIED]
         return self.base_version
 
     def _changes_for(self, base_version: int | None, eval_delta: dict | None) -> list[tuple[float, dict]]:
@@ -132,6 +161,9 @@ class ClientWorkerImpl:
         `client_hook` run on the client's own training labels.
         """
         live, out = apply_faults(jobs)
+        offsets = self._clients_table(j.client_id for j in live) if live else None
+        if offsets is not None:
+            live = [dataclasses.replace(j, train_idx=np.asarray(j.train_idx) + offsets[j.client_id]) for j in live]
         for result in corrupt_results(live, self._train_live(live)):
             if not isinstance(result, ClientFailure):
                 result.worker = self.index
@@ -185,6 +217,7 @@ class ClientWorkerImpl:
                  gen_idx: np.ndarray | None = None, eval_delta: dict | None = None) -> EvalResult:
         """The task's evaluation sums on rows `idx` (generations for `gen_idx`); at an older base version if
         given, with the global model's own base change if any (see `_changes_for`)."""
+        self._use(self.table)
         changes = self._changes_for(base_version, eval_delta)
         if not changes:
             return self.engine.evaluate(factors, head, np.asarray(idx), gen_idx)
@@ -193,7 +226,10 @@ class ClientWorkerImpl:
 
     def evaluate_clients(self, items: list[tuple]) -> list[tuple[int, EvalResult]]:
         """Personalised evaluation: each (client id, factors, head, local test rows) with that client's model."""
-        return [(cid, self.engine.evaluate(factors, head, np.asarray(idx))) for cid, factors, head, idx in items]
+        offsets = self._clients_table(cid for cid, *_ in items) if items else None
+        first = (lambda cid: 0) if offsets is None else offsets.__getitem__
+        return [(cid, self.engine.evaluate(factors, head, np.asarray(idx) + first(cid)))
+                for cid, factors, head, idx in items]
 
     def export_adapter(self, factors, head, base_model_name: str) -> dict[str, bytes]:
         """The adapter as a PEFT directory, returned as {filename: bytes} (the driver writes it)."""

@@ -234,3 +234,20 @@ def test_deviation_every_skips_the_metric_in_between(ray_local, tmp_path, tiny_c
                    tmp_path, progress=False)
     dev = rounds(tmp_path)["deviation_rel"]
     assert dev.isna().tolist() == [True, False, False]          # round 2, and the last round
+
+
+def test_fedex_base_log_stays_compact_and_a_resume_from_it_is_exact(ray_local, runs, tmp_path_factory, tiny_config):
+    """FedEx-LoRA changes the base every round; the coordinator merges the versions every worker holds into one
+    entry, so the log (and each checkpoint) stays small. Fresh workers of a resumed run catch up from the merged
+    entry, and the result equals the straight run."""
+    from raysim.cli import main
+
+    sets = {"aggregator.name": "fedex", "federation.rounds": 6, "output.checkpoint_every": 1}
+    straight = _run(ray_local, runs, tmp_path_factory, "fedex6", **sets)
+    _, meta = load_checkpoint(straight / "checkpoints" / "round-0006")
+    assert len(meta["base_versions"]["entries"]) <= 3                 # merged ≤ 4, then 5 and 6
+    resumed = tmp_path_factory.mktemp("fedex6-resumed")
+    run_experiment(tiny_config(**{**sets, "federation.rounds": 4}), resumed, progress=False)
+    assert main(["run", "--resume", str(resumed), "--set", "federation.rounds=6", "--no-progress"]) == 0
+    timing = ["wall_s", "round_time_s", "dispatch_s", "aggregate_s"]
+    pd.testing.assert_frame_equal(rounds(resumed).drop(columns=timing), rounds(straight).drop(columns=timing))

@@ -143,6 +143,14 @@ class Aggregator:
         self.scale_of_rank = scale_of_rank
         self.seed = seed
 
+    @property
+    def max_client_rank(self) -> int:
+        """The largest client rank; computed once per `client_ranks` mapping (O(clients)), not every round."""
+        ranks = self.client_ranks
+        if getattr(self, "_max_rank_of", None) is not ranks:
+            self._max_rank_of, self._max_rank = ranks, max(ranks.values())
+        return self._max_rank
+
     def plan(self, rnd: int, client_id: int) -> ClientPlan:
         """Default: every client continues from the global adapter, truncated to its rank."""
         rank = self.client_ranks[client_id]

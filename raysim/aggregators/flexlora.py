@@ -219,7 +219,7 @@ class FlexLoRA(Aggregator):
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> AggregateResult:
         updates = sorted(updates, key=lambda u: u.client_id)      # order-independent round-off
-        r_max = max(self.client_ranks.values())
+        r_max = self.max_client_rank
         ranks = {min(r_max, self.client_ranks.get(up.client_id, r_max)) for up in updates}
         svd, tail, buffers = {}, {}, {}
         star2 = client_tail2 = global_tail2 = increment2 = 0.0

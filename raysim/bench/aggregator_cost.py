@@ -22,6 +22,7 @@ import numpy as np
 
 from raysim.aggregators import REGISTRY, build_aggregator
 from raysim.aggregators.base import ClientUpdate
+from raysim.base_log import compacted
 from raysim.lora.factors import LoRAFactors, deviation, ideal_update
 
 
@@ -75,12 +76,19 @@ def _trial(agg, updates, old) -> tuple[float, float, float]:
     """(calibration, aggregate, deviation) seconds of one round 2 on a copy of the prepared state."""
     cal = calibrate(updates)
     trial = copy.deepcopy(agg)
-    t_agg, result = _timed(lambda: trial.aggregate(2, updates))
+    # as on the coordinator: aggregation includes storing the base change (dense where that is smaller), and
+    # the deviation metric reuses the stored form
+    t_agg, (result, stored) = _timed(lambda: _aggregate(trial, updates))
     t_dev = 0.0
     if not trial.personalized and result.deviation_rel is None:
         per_module = {n: [(u.weight, u.factors[n]) for u in updates] for n in old}
-        t_dev = _timed(lambda: deviation(per_module, trial.global_factors, result.base_delta, old))[0]
+        t_dev = _timed(lambda: deviation(per_module, trial.global_factors, stored, old))[0]
     return cal, t_agg, t_dev
+
+
+def _aggregate(agg, updates):
+    result = agg.aggregate(2, updates)
+    return result, compacted(result.base_delta) if result.base_delta else None
 
 
 def _method_rows(name: str, init, clients: tuple[int, ...], rank: int, alpha: float, trials: int,

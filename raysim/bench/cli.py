@@ -59,6 +59,15 @@ def cmd_bench(args) -> int:
         print(json.dumps(out["peak_rss_mib"], indent=2))
         write_json(args.json, out)
         return 0
+    if args.workload == "scale-1m":
+        from raysim.bench.scale_1m import run_scale_1m
+
+        out = run_scale_1m(rounds=args.rounds, clients=args.clients, log=log)
+        print(json.dumps({"runs": [{k: r[k] for k in ("aggregator", "peak_rss_mib", "round20_over_round3",
+                                                        "state_bytes_on_disk")} for r in out["runs"]],
+                          "targets": out["targets"]}, indent=2))
+        write_json(args.json, out)
+        return 0
     from raysim.bench.driver import run_bench
 
     ks = [int(x) for x in args.ks.split(",")] if args.ks else None
@@ -85,12 +94,14 @@ def _json_default(v):
 
 def add_cli(subparsers, add_common) -> None:
     p = subparsers.add_parser("bench", help="throughput of the training engines (client-steps/s), JSON + table")
-    p.add_argument("--workload", choices=sorted(WORKLOADS) + ["scale-10k", "aggregators", "soak"],
+    p.add_argument("--workload", choices=sorted(WORKLOADS) + ["scale-10k", "scale-1m", "aggregators", "soak"],
                    default="tiny", help="tiny (CPU: random bert-tiny, 100 synthetic clients, 10 per round), "
                    "causal-tiny (CPU: random llama-tiny on synthetic arithmetic, the same federation), "
                    "minilm, bert-base (GPU: random MiniLM-L6 / BERT-base shapes, 256 clients, 128 per round); "
                    "llama-1b (GPU: Llama-3.2-1B shapes, bf16, 256 tokens, LoRA r=16 on q/k/v/o); "
-                   "scale-10k: 10,000 clients, 100 per round, peak RSS of driver and coordinator; aggregators: "
+                   "scale-10k: 10,000 clients, 100 per round, peak RSS of driver and coordinator; scale-1m: "
+                   "1,000,000 per-client synthetic clients, 1,000 per round, 20 rounds, FedIT and FedSA-LoRA (memory, "
+                   "round times, bookkeeping, state on disk); aggregators: "
                    "server seconds per round of every aggregator for 100 and 200 clients of a BERT-base "
                    "adapter (r=16, q/v, 12 layers) against calibration_s, medians of >= 5 trials; soak: 200 "
                    "rounds x 1,000 synthetic clients with worker kills, drop-outs and corrupt uploads (nothing lost, "
@@ -103,7 +114,7 @@ def add_cli(subparsers, add_common) -> None:
                    help="end-to-end runs per engine, interleaved; the JSON reports medians and every run (default 1)")
     p.add_argument("--rounds", type=int, help="end-to-end rounds (default per workload)")
     p.add_argument("--clients", type=int, help="clients per in-process measurement (default per workload; "
-                   "scale-10k: the number of virtual clients)")
+                   "scale-10k, scale-1m: the number of virtual clients)")
     p.add_argument("--min-time", type=float, help="seconds per in-process measurement (default per workload)")
     p.add_argument("--no-dropout", action="store_true",
                    help="turn the base model's dropout off for the in-process measurements (the ceiling)")

@@ -32,6 +32,7 @@ class ActorMemoryWatch:
 
     def __init__(self):
         self.peaks: dict[str, float] = {}
+        self.driver_peak = 0.0                     # this process's own resident set, MiB, peak while watching
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -49,6 +50,7 @@ class ActorMemoryWatch:
         me = psutil.Process()
         while not self._stop.wait(0.5):
             try:
+                self.driver_peak = max(self.driver_peak, me.memory_info().rss / 2**20)
                 for child in me.children(recursive=True):
                     name = " ".join(child.cmdline()[:1])
                     role = next((r for prefix, r in self.ROLES.items() if name.startswith(prefix)), None)

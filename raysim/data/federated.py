@@ -58,7 +58,7 @@ def split_and_partition(raw: RawData, cfg) -> tuple[np.ndarray, list[np.ndarray]
     client_train, client_test = [], []
     for part in parts:
         members = pool[part]
-        n_local_test = _local_test_size(len(members), cfg.data.local_test_fraction)
+        n_local_test = local_test_size(len(members), cfg.data.local_test_fraction)
         shuffled = rng.permutation(members)
         client_test.append(np.sort(shuffled[:n_local_test]).astype(np.int64))
         client_train.append(np.sort(shuffled[n_local_test:]).astype(np.int64))
@@ -78,7 +78,7 @@ def check_task_data(raw: RawData, cfg) -> None:
                           "generates its pairs itself); set data.text_pair_column: null")
 
 
-def _local_test_size(n: int, fraction: float) -> int:
+def local_test_size(n: int, fraction: float) -> int:
     """Local test size for a client with n samples: about n·fraction, keeping >= 1 train sample."""
     if fraction <= 0 or n < 2:
         return 0

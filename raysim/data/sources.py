@@ -157,13 +157,22 @@ def make_synthetic(cfg: SyntheticConfig, seed: int) -> RawData:
     Returns:
         RawData with ``input_ids`` (N, L) int64 and ``labels`` (N,) int64, N = ``num_examples``.
     """
-    n, length, num_labels = cfg.num_examples, cfg.seq_len, cfg.num_labels
-    keys = synthetic_key_tokens(cfg, seed)
-    filler = np.setdiff1d(np.arange(NUM_SPECIAL_TOKENS, cfg.vocab_size), keys.ravel())
     rng = np.random.default_rng(seed)
+    labels = rng.integers(0, cfg.num_labels, size=cfg.num_examples)
+    return RawData(labels=labels.astype(np.int64),
+                   label_names=[f"class_{i}" for i in range(cfg.num_labels)],
+                   input_ids=synthetic_rows(labels, synthetic_key_tokens(cfg, seed), cfg, rng))
 
+
+def synthetic_rows(labels: np.ndarray, keys: np.ndarray, cfg: SyntheticConfig,
+                   rng: np.random.Generator) -> np.ndarray:
+    """The token rows of examples with ``labels`` ((n,) ints), drawn from ``rng``: (n, seq_len) int64.
+
+    ``keys`` are the class key tokens (`synthetic_key_tokens`); see `make_synthetic` for the layout.
+    """
+    n, length = len(labels), cfg.seq_len
+    filler = np.setdiff1d(np.arange(NUM_SPECIAL_TOKENS, cfg.vocab_size), keys.ravel())
     content = length - 2
-    labels = rng.integers(0, num_labels, size=n)
     body = rng.choice(filler, size=(n, content))
     num_keys = np.full(n, max(1, int(round(cfg.key_fraction * content))))
     # a random permutation rank per position; the num_keys lowest ranks become key positions
@@ -176,6 +185,4 @@ def make_synthetic(cfg: SyntheticConfig, seed: int) -> RawData:
     input_ids[:, 0] = CLS_ID
     input_ids[:, 1:-1] = body
     input_ids[:, -1] = SEP_ID
-    return RawData(labels=labels.astype(np.int64),
-                   label_names=[f"class_{i}" for i in range(num_labels)],
-                   input_ids=input_ids)
+    return input_ids

@@ -115,6 +115,11 @@ class CohortEngine:
         self._find_modules(model)
         self.dtype = next(model.parameters()).dtype
         self.has_dropout = _has_dropout(model)
+        self.use_data(data)
+
+    def use_data(self, data: DataArrays) -> None:
+        """Train on `data` from now on (a worker with per-client data switches tables between calls)."""
+        self.data = data
         # real sequence lengths; every image has all its patches (one length for all, never trimmed)
         self.lengths = (np.ones(len(data.labels), dtype=np.int64) if self.image
                         else np.maximum(1, np.asarray(data.attention_mask.sum(dim=1))))

@@ -98,6 +98,10 @@ class PeftEngine:
         for p in self.head.values():
             p.requires_grad_(self.train_head)
 
+    def use_data(self, data: DataArrays) -> None:
+        """Train and evaluate on `data` from now on (a worker with per-client data switches tables)."""
+        self.data = data
+
     def _autocast(self):
         if self.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -1,4 +1,4 @@
-"""Canonical LoRA factor layout and the factored linear algebra the server needs (numpy, scipy's BLAS).
+"""Canonical LoRA factor layout and the factored linear algebra the server needs (numpy).
 
 Layout (identical to PEFT; docs/algorithms.md, "Factor layout") for a module with W0 ∈ ℝ^{m×n}:
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg.blas
 
 # A flop of Householder QR (LAPACK geqrf) costs about twice a GEMM flop on the machines we measured; the
 # cost rule weighs QR's ≈2(m+n)q² by this (docs/algorithms.md, "Norms and SVDs of factored products")
@@ -180,6 +179,11 @@ def _dense_norms(terms: list[Term], combos: list[list[float]]) -> list[float]:
             continue
         base = next((i for i in live if i in formed), max(live, key=lambda i: terms[i][0].shape[1]))
         uses[base] -= 1
+        if len(live) == 1 and base in formed:        # ‖c·P‖ of a formed product: no copy
+            out.append(abs(float(c[base])) * _fro(formed[base]))
+            if uses[base] == 0:
+                formed.pop(base)
+            continue
         if base in formed:       # a dense term is the caller's array: never changed in place
             owned = uses[base] == 0 and terms[base][1] is not None
             acc = formed.pop(base) if owned else formed[base].copy()
@@ -206,11 +210,15 @@ def _empty(term: Term) -> bool:
 
 
 def _add_product(acc: np.ndarray, coef: float, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """acc + coef·left @ right, in place in acc (C-contiguous float64) by one dgemm on the transposes."""
-    left = np.asarray(left, dtype=np.float64)
-    right = np.asarray(right, dtype=np.float64)
-    res = scipy.linalg.blas.dgemm(coef, right.T, left.T, beta=1.0, c=acc.T, overwrite_c=True)   # accᵀ += c·RᵀLᵀ
-    return acc if np.shares_memory(res, acc) else np.ascontiguousarray(res.T)
+    """acc + coef·left @ right, in place in acc (float64). numpy's BLAS only: calling a second BLAS library
+    (scipy's) right after numpy's large product makes the two libraries' thread pools fight over the cores."""
+    prod = np.asarray(left, dtype=np.float64) @ np.asarray(right, dtype=np.float64)
+    if coef == 1:
+        return np.add(acc, prod, out=acc)
+    if coef == -1:
+        return np.subtract(acc, prod, out=acc)
+    prod *= coef
+    return np.add(acc, prod, out=acc)
 
 
 def _fro(x: np.ndarray) -> float:
@@ -290,7 +298,10 @@ def ideal_update(updates: list[tuple[float, LoRAFactors]],
     at = 0
     for w, f in live:                               # filled in place: p_k·(s_k b_k), A_k, float64
         r = f.rank
-        np.multiply(f.b_tilde(), np.float64(w), out=u[:, at:at + r])
+        if f.c is None:                             # one pass: b·(p_k s_k)
+            np.multiply(f.b, np.float64(w) * np.float64(f.scale), out=u[:, at:at + r])
+        else:
+            np.multiply(f.b_tilde(), np.float64(w), out=u[:, at:at + r])
         v[at:at + r] = f.a
         at += r
     return u, v

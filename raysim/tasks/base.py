@@ -22,6 +22,7 @@ class Task:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        self.disk_cache = True          # tokenised arrays cached on disk (not for one client's examples)
 
     def arrays(self, raw) -> dict[str, np.ndarray]:
         raise NotImplementedError

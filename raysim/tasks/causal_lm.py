@@ -43,7 +43,7 @@ class CausalLMTask(Task):
         from raysim.models import token_cache_dir
 
         arrays = tokenize_causal(raw, self.tokenizer, self.cfg.model.max_length, self.cfg.data.chat_template,
-                                 cache_dir=token_cache_dir())
+                                 cache_dir=token_cache_dir() if self.disk_cache else None)
         self.truncated = int(arrays.pop("num_truncated"))            # reported in the summary
         self.prompt_too_long = int(arrays.pop("num_prompt_too_long"))
         arrays["example_labels"] = np.asarray(raw.labels, dtype=np.int64)     # group codes, for client hooks

@@ -18,7 +18,7 @@ class SeqClsTask(Task):
     def arrays(self, raw) -> dict[str, np.ndarray]:
         from raysim.models import tokenize_for_model
 
-        return self.with_groups(tokenize_for_model(raw, self.cfg), raw)
+        return self.with_groups(tokenize_for_model(raw, self.cfg, self.disk_cache), raw)
 
     def batch(self, data, idx: np.ndarray):
         return data.batch(idx, ("input_ids", "attention_mask", "labels"))

@@ -20,7 +20,6 @@ import ray
 from raysim.aggregators.base import ClientData
 from raysim.engines.base import ClientFailure, ClientJob, ClientResult, EngineSettings, EvalResult
 from raysim.faults import apply_faults, corrupt_results, missed_deadline
-from raysim.lora.factors import delta_matrix
 
 
 KEEP_APPLIED = 4          # base changes a worker remembers, to evaluate at a slightly older base version
@@ -107,21 +106,25 @@ class ClientWorkerImpl:
 
     def sync_base(self, deltas: list[tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]]) -> int:
         """Fold every base delta with version > ours: W_base += u @ v (nn.Linear orientation)."""
-        import torch
-
         from raysim.lora.peft_io import fold_into_base
 
         for version, per_module in deltas:
             if version <= self.base_version:
                 continue
             for name, (u, v) in per_module.items():
-                r = torch.from_numpy(delta_matrix(u, v))
-                fold_into_base(self.layers[name], r)
+                fold_into_base(self.layers[name], self._delta(u, v))
             self.applied.append((version, per_module))
             self.base_version = version
         # only the newest changes can be undone for a re-run evaluation (the last round or two): keep those
         del self.applied[:-KEEP_APPLIED]
         return self.base_version
+
+    def _delta(self, u: np.ndarray, v: np.ndarray | None):
+        """The m×n base change u @ v (u itself when dense), float64, formed on this worker's device."""
+        import torch
+
+        left = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float64)).to(self.device)
+        return left if v is None else left @ torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).to(self.device)
 
     def _changes_for(self, base_version: int | None, eval_delta: dict | None) -> list[tuple[float, dict]]:
         """(sign, module -> (u, v)) folds that give the base an evaluation asks for: the base of an older
@@ -144,7 +147,7 @@ class ClientWorkerImpl:
         saved = {name: self.layers[name].get_base_layer().weight.detach().clone() for _, d in changes for name in d}
         for sign, per_module in changes:
             for name, (u, v) in per_module.items():
-                fold_into_base(self.layers[name], sign * torch.from_numpy(delta_matrix(u, v)))
+                fold_into_base(self.layers[name], sign * self._delta(u, v))
         try:
             yield
         finally:

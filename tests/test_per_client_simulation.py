@@ -37,6 +37,10 @@ def test_a_synthetic_run_with_100000_clients(ray_local, tmp_path, tiny_config):
     source = open_per_client(cfg)
     for row in clients.itertuples():       # each client trained on exactly its own training rows
         assert row.num_samples == _train_size(source, row.client_id, cfg.data.local_test_fraction, cfg.seed)
+    from raysim.evaluation import evaluate_run
+
+    # the exported model, rebuilt offline, scores the run's final accuracy on the held-out clients
+    assert evaluate_run(out)["accuracy"] == pytest.approx(rounds["accuracy"].iloc[-1], abs=1e-6)
     facts = json.loads((out / "summary.json").read_text())["data"]["per_client"]
     assert facts["clients"] == 100000 and facts["held_out_clients"] == 20
 

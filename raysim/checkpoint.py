@@ -118,6 +118,20 @@ def _prune(storage: RunStorage, written: int, keep: int) -> None:
         storage.delete(rel)
 
 
+def drop_orphan_segments(run_dir) -> int:
+    """Delete the client-store segment files that no checkpoint lists: those a run wrote after its newest
+    checkpoint and before it stopped (a resumed run restarts from a checkpoint and never reads them, and
+    checkpoint pruning only deletes listed files). Returns how many files were deleted."""
+    from raysim.client_store import segment_files
+
+    storage = RunStorage.of(run_dir)
+    listed = _listed_files(storage, [name for _, name in checkpoint_rounds(storage)])
+    orphans = [rel for rel in segment_files(storage) if rel not in listed]
+    for rel in orphans:
+        storage.delete(rel)
+    return len(orphans)
+
+
 def _listed_files(storage: RunStorage, names: list[str]) -> set[str]:
     """The client-store segment files the headers of checkpoints `names` list (unreadable headers: none)."""
     from raysim.client_store import referenced_files

@@ -81,6 +81,12 @@ def referenced_files(meta: Any) -> set[str]:
     return found
 
 
+def segment_files(storage: RunStorage, top: str = "client_state") -> list[str]:
+    """Every segment file (data and index) of every store under folder `top` of the run directory."""
+    return [f"{top}/{part}/{name}" for part in storage.listdir(top)
+            for name in storage.listdir(f"{top}/{part}") if _SEGMENT.match(name)]
+
+
 class ClientStore:
     """Client id -> record, on `storage` under `root`, at most about `cache_clients` records in memory."""
 

@@ -157,7 +157,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str
     the summary dict (with `startup_phases`). on_round(row, checkpoint) runs after each round is written."""
     import ray
 
-    from raysim.checkpoint import config_hash, load_newest_intact
+    from raysim.checkpoint import config_hash, drop_orphan_segments, load_newest_intact
     from raysim.tasks import logged_metrics
 
     clock = PhaseClock()
@@ -166,7 +166,9 @@ def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str
     writer = RunWriter(run_dir)
     cfg_hash = config_hash(cfg.to_yaml_dict())
     found = load_newest_intact(run_dir, config_hash=cfg_hash) if resume else None   # checked before Ray starts
-    if not resume:
+    if resume:
+        drop_orphan_segments(run_dir)                 # per-client state written after the newest checkpoint
+    else:
         writer.write_config(cfg.to_yaml_dict())
     started_ray = start_ray(address, cfg, verbose)
     clock.lap("ray_init_s")

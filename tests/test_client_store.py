@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load
 
-from raysim.checkpoint import load_newest_intact, save_checkpoint
+from raysim.checkpoint import drop_orphan_segments, load_newest_intact, save_checkpoint
 from raysim.client_store import ClientStore, data_file, decode_record, encode_record, index_file
+from raysim.client_store import segment_files as stored_segments
 from raysim.heads import HeadState
 from raysim.lora.factors import LoRAFactors
 from raysim.storage import RunStorage
@@ -166,6 +167,27 @@ def test_pruning_checkpoints_deletes_the_segments_only_they_listed(tmp_path):
     resumed = ClientStore(tmp_path, ROOT)
     resumed.load_state_dict(meta["aggregator"]["client_store"])
     check(resumed, dict.fromkeys(range(15), 3))
+
+
+def test_segments_written_after_the_newest_checkpoint_are_dropped_on_resume(tmp_path):
+    """A run that stops between checkpoints leaves segments no checkpoint lists; resuming deletes exactly
+    those, and the resumed store still reads the checkpoint's state."""
+    store = ClientStore(tmp_path, ROOT)
+    fill(store, range(10), version=1)
+    meta = store.state_dict()
+    save_checkpoint(tmp_path, {"x": np.zeros(1)}, {"round": 1, "aggregator": {"client_store": meta}})
+    fill(store, range(5, 20), version=2)
+    store.flush()                                                # written, then the run stops
+    storage = RunStorage.of(tmp_path)
+    before = set(stored_segments(storage))
+    listed = {data_file(ROOT, sid) for sid in meta["segments"]} | {index_file(ROOT, sid) for sid in meta["segments"]}
+    assert before > listed                                       # the unlisted segments exist
+    assert drop_orphan_segments(tmp_path) == len(before - listed)
+    assert set(stored_segments(storage)) == listed
+    resumed = ClientStore(tmp_path, ROOT)
+    resumed.load_state_dict(load_newest_intact(tmp_path)[1]["aggregator"]["client_store"])
+    check(resumed, dict.fromkeys(range(10), 1))
+    assert drop_orphan_segments(tmp_path) == 0                   # nothing else to drop
 
 
 def test_checkpoints_of_20000_celora_like_clients_stay_small(tmp_path):

@@ -112,3 +112,14 @@ def test_catch_up_from_running_totals_equals_a_scan_over_every_version():
     assert scan(0) > scan(9) > 0
     with pytest.raises(ValueError, match="not newer"):
         again.record(12, {"q": _delta(rng, 1)})
+
+
+def test_newest_is_the_stored_form_of_the_last_version_only(entries):
+    log = _log(entries)
+    newest = log.newest(4)
+    assert set(newest) == {"q"} and newest["q"].v is not None                      # rank 1: kept factored
+    np.testing.assert_allclose(newest["q"].u @ newest["q"].v, entries[4].u @ entries[4].v, rtol=1e-12)
+    assert log.newest(3) is None                                                    # not the newest entry
+    log.record(5, {"q": _delta(np.random.default_rng(1), 4), "k": BaseDelta(np.zeros((M, 0)), np.zeros((0, N)))})
+    five = log.newest(5)
+    assert set(five) == {"q"} and five["q"].v is None                               # dense; the empty one is left out

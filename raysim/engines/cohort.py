@@ -57,7 +57,7 @@ from torch import nn
 
 from raysim.engines.base import ClientJob, ClientResult, EngineSettings, EvalResult, batch_schedule
 from raysim.engines.cohort_steps import Step, eval_rows, optimizer_step, per_client_sum, plan_steps, row_losses
-from raysim.engines.peft_engine import DataArrays, PeftEngine, make_optimizer
+from raysim.engines.peft_engine import DataArrays, PeftEngine, make_optimizer, widen
 from raysim.lora.cohort import CohortContext, SegmentEmbedding, SegmentLinear, SegmentLoRALinear, installed
 from raysim.lora.cohort_context import triton_available
 from raysim.lora.factors import LoRAFactors
@@ -264,12 +264,12 @@ class CohortEngine:
         ctx.set_layout(step.slots, step.counts, step.lengths, step.slot_index, step.row_pos, step.row_seed,
                        step.row_local)
         rows = step.rows if inputs.device == step.rows.device else step.rows.to(inputs.device)
-        batch_labels = labels.index_select(0, rows)
+        batch_labels = widen(labels.index_select(0, rows))
         if self.image:              # the images as the task's batch gives them (the model casts them itself)
             batch = {"pixel_values": inputs.index_select(0, rows)}
-        else:
-            batch = {"input_ids": inputs.index_select(0, rows)[:, :ctx.length],
-                     "attention_mask": mask.index_select(0, rows)[:, :ctx.length]}
+        else:                       # the table keeps compact dtypes: widen the selected rows
+            batch = {"input_ids": inputs.index_select(0, rows)[:, :ctx.length].long(),
+                     "attention_mask": mask.index_select(0, rows)[:, :ctx.length].long()}
             if self.causal:
                 batch_labels = batch_labels[:, :ctx.length]
         if batch_labels.device != self.device:

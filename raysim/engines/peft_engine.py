@@ -26,6 +26,20 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter] | list[dict], lr:
     return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
 
+def _view(arr: np.ndarray) -> torch.Tensor:
+    """A tensor over the array's memory (read-only object-store arrays included: never written through)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(np.asarray(arr))
+
+
+def widen(labels: torch.Tensor) -> torch.Tensor:
+    """Class ids or token labels as int64 (what the losses take); float targets as they are."""
+    return labels if labels.is_floating_point() else labels.long()
+
+
 class DataArrays:
     """Tokenised examples as torch tensors over the object store's numpy arrays.
 
@@ -37,12 +51,14 @@ class DataArrays:
     def __init__(self, arrays: dict[str, np.ndarray], device: torch.device):
         self.pixel_values = arrays.get("pixel_values")      # (N, C, H, W) float32 images (image_cls)
         if self.pixel_values is None:
-            self.input_ids = torch.from_numpy(np.asarray(arrays["input_ids"], dtype=np.int64))           # (N, L)
-            self.attention_mask = torch.from_numpy(np.asarray(arrays["attention_mask"], dtype=np.int64))  # (N, L)
+            # the object store's arrays as they are (int32 ids, int8 masks: no int64 copy per worker);
+            # `batch` and the cohort engine widen the rows they select
+            self.input_ids = _view(arrays["input_ids"])                  # (N, L)
+            self.attention_mask = _view(arrays["attention_mask"])        # (N, L)
         else:
-            self.pixel_values = torch.from_numpy(np.asarray(self.pixel_values, dtype=np.float32))
+            self.pixel_values = _view(np.asarray(self.pixel_values, dtype=np.float32))
         labels = np.asarray(arrays["labels"])
-        self.labels = torch.from_numpy(labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64))
+        self.labels = _view(labels.astype(np.float32, copy=False) if labels.dtype.kind == "f" else labels)
         self.prompt_ids = arrays.get("prompt_ids")
         self.prompt_mask = arrays.get("prompt_mask")
         self.response_text = arrays.get("response_text")
@@ -53,13 +69,13 @@ class DataArrays:
         """Rows `idx`: images, or token rows trimmed to the longest real sequence (padding is on the right).
         Labels: class ids, float targets (regression) or token labels (causal LM)."""
         t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-        labels = self.labels[t]
+        labels = widen(self.labels[t])
         if self.pixel_values is not None:
             out = {"pixel_values": self.pixel_values[t], "labels": labels}
         else:
             mask = self.attention_mask[t]
             length = max(1, int(mask.sum(dim=1).max()))
-            out = {"input_ids": self.input_ids[t, :length], "attention_mask": mask[:, :length],
+            out = {"input_ids": self.input_ids[t, :length].long(), "attention_mask": mask[:, :length].long(),
                    "labels": labels[:, :length] if labels.dim() == 2 else labels}
         return {k: out[k].to(self.device) for k in keys}
 

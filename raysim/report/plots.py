@@ -3,6 +3,7 @@ saved PNG path or a figure for `save`."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from raysim.report.fmt import fmt_value, sorted_unique
@@ -192,11 +193,14 @@ def claim_plot(claim, outcomes):
         ax.set_xlim(-0.4, 1.4)
         if log:
             ax.set_yscale("log")
-        ax.set(xlabel="setting compared (black: mean ± std)", ylabel=metric_label(claim.metric),
+        ax.set(xlabel="setting compared (black: mean ± std)",
                title=f"{i}: expected {EXPECT_WORDS[o.comparison.expect]} — {o.verdict}")
         ax.title.set_fontsize(8)
         ax.grid(alpha=0.3)
+    # one y label for the row, wrapped: the metric's name with its unit is long
+    axes[0][0].set_ylabel(textwrap.fill(metric_label(claim.metric), 34), fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{claim.id}: paired trials per seed", fontsize=9)
+    fig.tight_layout()
     return fig
 

@@ -131,6 +131,10 @@ def test_trial_resources_follow_the_trial_config():
     assert trial_config(base, {"lora.rank": 8}, checkpoint_every=3).output.checkpoint_every == 3
     assert trial_label(3, {"aggregator.name": "fedex", "data.partition.alpha": 0.1, "seed": 1}) == \
         "0003_aggregator=fedex_alpha=0.1_seed=1"
+    # a whole section as a grid value is named by its name and keys, a list by its items
+    assert trial_label(5, {"aggregator": {"name": "lora_fair", "lam": 0.01}, "seed": 0}) == \
+        "0005_aggregator=lora_fair-lam=0.01_seed=0"
+    assert trial_label(6, {"lora.target_modules": ["query", "value"]}) == "0006_target_modules=query-value"
 
 
 def test_rewind_aligns_the_run_dir_with_tunes_last_checkpoint(tmp_path):

@@ -254,6 +254,9 @@ def _fmt(v: Any) -> str:
     v = plain(v)
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, (dict, list)):
-        return json.dumps(v, separators=(",", ":"))
+    if isinstance(v, dict):             # a whole section: `lora_fair,lam=0.01` (its name first, then its keys)
+        head = [_fmt(v["name"])] if "name" in v else []
+        return ",".join(head + [f"{k}={_fmt(x)}" for k, x in v.items() if k != "name"])
+    if isinstance(v, list):
+        return ",".join(_fmt(x) for x in v)
     return str(v)

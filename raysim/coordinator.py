@@ -49,7 +49,7 @@ class Pending:
     """Results of round r still being computed when `run_round` returns (ObjectRefs)."""
 
     evaluation: list = field(default_factory=list)      # EvalResult shards of the global evaluation
-    deviation: Any = None                               # (deviation_rel, deviation_rel_round)
+    deviation: Any = None                               # (deviation_rel, deviation_rel_round, module rows)
     personal: list = field(default_factory=list)        # [(client id, EvalResult)] shards, personalised evaluation
     personal_weights: dict[int, float] = field(default_factory=dict)   # p_k of the personally evaluated clients
 
@@ -91,12 +91,15 @@ def blas_threads(cfg: ExperimentConfig) -> int:
     return max(1, int((os.cpu_count() or 1) - taken))
 
 
-def _deviation(per_module, new_global, base_delta, old_global, threads: int = 1) -> tuple[float | None, float | None]:
+def _deviation(per_module, new_global, base_delta, old_global, threads: int = 1) -> tuple[float, float, list[dict]]:
+    """(deviation_rel, deviation_rel_round, one modules.parquet row per module without its round)."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(threads):
         rep = deviation(per_module, new_global, base_delta, old_global)
-    return rep.deviation_rel, rep.deviation_rel_round
+    modules = [{"module": name, "deviation_rel": rel, "ideal_norm": rep.ideal_norms[name]}
+               for name, rel in rep.per_module.items()]
+    return rep.deviation_rel, rep.deviation_rel_round, modules
 
 
 deviation_task = ray.remote(num_cpus=0)(_deviation)

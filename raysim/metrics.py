@@ -1,4 +1,5 @@
-"""Run directory writer: config.yaml, rounds.parquet, clients.parquet, summary.json, updates/, adapter/.
+"""Run directory writer: config.yaml, rounds.parquet, clients.parquet, groups.parquet, modules.parquet, summary.json,
+updates/, adapter/.
 
 The run directory is a local path or a filesystem URI (`s3://bucket/prefix`, ...): every file goes
 through `raysim.storage.RunStorage`, which writes it atomically (a hard kill leaves the old file or the
@@ -51,6 +52,10 @@ SUMMARY_STATUSES = ("completed", "failed", "running")
 GROUP_SCHEMA = pa.schema([
     ("round", pa.int64()), ("group", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
     ("n", pa.int64()),
+])
+
+MODULE_SCHEMA = pa.schema([
+    ("round", pa.int64()), ("module", pa.string()), ("deviation_rel", pa.float64()), ("ideal_norm", pa.float64()),
 ])
 
 
@@ -164,6 +169,7 @@ class RunWriter:
         self.rounds_table = PartitionedTable(self.storage, "rounds.parquet", ROUND_SCHEMA)
         self.clients_table = PartitionedTable(self.storage, "clients.parquet", CLIENT_SCHEMA)
         self.groups_table = PartitionedTable(self.storage, "groups.parquet", GROUP_SCHEMA)
+        self.modules_table = PartitionedTable(self.storage, "modules.parquet", MODULE_SCHEMA)
         self.rounds: list[dict[str, Any]] = []
 
     @property
@@ -176,15 +182,18 @@ class RunWriter:
 
     def load_existing(self, up_to_round: int) -> None:
         """On resume: keep the rows of rounds already done (up to the checkpoint), drop the rest."""
-        for table in (self.rounds_table, self.clients_table, self.groups_table):
+        for table in (self.rounds_table, self.clients_table, self.groups_table, self.modules_table):
             table.drop_after(up_to_round)
         self.rounds = sorted(self.rounds_table.rows(), key=lambda r: r["round"])
 
-    def add_round(self, row: dict[str, Any], clients: list[dict[str, Any]], groups: list[dict[str, Any]] = ()) -> None:
+    def add_round(self, row: dict[str, Any], clients: list[dict[str, Any]], groups: list[dict[str, Any]] = (),
+                  modules: list[dict[str, Any]] = ()) -> None:
         self.rounds.append(row)
         self.clients_table.write(row["round"], clients)
         if groups:
             self.groups_table.write(row["round"], list(groups))
+        if modules:
+            self.modules_table.write(row["round"], list(modules))
         self.rounds_table.write(row["round"], [row])
 
     def write_updates(self, rnd: int, uploads: dict[int, tuple[dict, dict]], global_tensors: dict) -> None:

@@ -87,10 +87,10 @@ class Recorder:
     def record(self, out, timeout_s: float) -> None:
         from raysim.checkpoint import save_checkpoint
 
-        groups = self._resolve(out, timeout_s)
+        groups, modules = self._resolve(out, timeout_s)
         rnd = out.row["round"]
         self.degraded += out.row["status"] == "degraded"
-        self.writer.add_round(out.row, out.clients, groups)
+        self.writer.add_round(out.row, out.clients, groups, modules)
         if out.global_tensors is not None:
             self.writer.write_updates(rnd, out.uploads, out.global_tensors)
         ckpt_dir = save_checkpoint(self.run_dir, *out.checkpoint, config_hash=self.cfg_hash) if out.checkpoint else None
@@ -98,23 +98,25 @@ class Recorder:
         if self.on_round is not None:
             self.on_round(out.row, ckpt_dir)
 
-    def _resolve(self, out, timeout_s: float) -> list[dict[str, Any]]:
-        """Fill the row's pending metrics; returns the groups.parquet rows of this round's evaluation."""
+    def _resolve(self, out, timeout_s: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Fill the row's pending metrics; returns the groups.parquet rows of this round's evaluation and the
+        modules.parquet rows of its deviation metric."""
         import ray
 
         from raysim.metrics import group_rows
 
-        pending, row, groups = out.pending, out.row, []
+        pending, row, groups, modules = out.pending, out.row, [], []
         if pending.evaluation:
             total = self._evaluation(row["round"], pending.evaluation, timeout_s)
             metrics = total.metrics()
             row.update({k: metrics[k] for k in self.logged})
             groups = group_rows(row["round"], total, out.group_names)
         if pending.deviation is not None:
-            row["deviation_rel"], row["deviation_rel_round"] = ray.get(pending.deviation, timeout=timeout_s)
+            row["deviation_rel"], row["deviation_rel_round"], modules = ray.get(pending.deviation, timeout=timeout_s)
+            modules = [{"round": row["round"], **m} for m in modules]
         if pending.personal:
             self._personal(out, timeout_s)
-        return groups
+        return groups, modules
 
     def _personal(self, out, timeout_s: float) -> None:
         """Personalised evaluation: the row's summary and each evaluated client's local accuracy and loss."""

@@ -86,7 +86,9 @@ def test_a_run_directory_round_trips_on_local_disk_and_s3(run_target):
     for rnd in (1, 2, 3):
         extra = {"agg_rank": 4.0} if rnd == 2 else {}
         w.add_round(_row(rnd, acc=rnd / 10, **extra), [_client(rnd, 0), _client(rnd, 1)],
-                    [{"round": rnd, "group": "g", "metric": "accuracy", "value": 0.5, "n": 3}])
+                    [{"round": rnd, "group": "g", "metric": "accuracy", "value": 0.5, "n": 3}],
+                    [{"round": rnd, "module": m, "deviation_rel": rnd / 100, "ideal_norm": 2.0} for m in ("q", "v")]
+                    if rnd != 2 else [])                                 # round 2: no deviation metric
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     w.write_updates(2, {7: ({"A": a}, {"scale": "2.0"})}, {"A": a * 2})
     w.write_adapter({"adapter_config.json": b"{}"}, {"layer": a})
@@ -101,6 +103,9 @@ def test_a_run_directory_round_trips_on_local_disk_and_s3(run_target):
     clients = storage.read_parquet("clients.parquet").to_pylist()
     assert sorted((c["round"], c["client_id"]) for c in clients) == [(r, c) for r in (1, 2, 3) for c in (0, 1)]
     assert len(storage.read_parquet("groups.parquet")) == 3
+    modules = storage.read_parquet("modules.parquet").to_pylist()
+    assert [(m["round"], m["module"], m["deviation_rel"]) for m in modules] == \
+        [(1, "q", 0.01), (1, "v", 0.01), (3, "q", 0.03), (3, "v", 0.03)]
     upload = safetensors.numpy.load(storage.read_bytes("updates/round-0002/client-7.safetensors"))
     assert np.array_equal(upload["A"], a)
     delta = safetensors.numpy.load(storage.read_bytes("adapter/base_delta.safetensors"))
@@ -112,6 +117,7 @@ def test_a_run_directory_round_trips_on_local_disk_and_s3(run_target):
     assert [r["round"] for r in again.rounds] == [1, 2] and again.rounds[1]["agg_rank"] == 4.0
     assert sorted({c["round"] for c in storage.read_parquet("clients.parquet").to_pylist()}) == [1, 2]
     assert storage.listdir("rounds.parquet") == ["round-000001.parquet", "round-000002.parquet"]
+    assert storage.listdir("modules.parquet") == ["round-000001.parquet"]
 
 
 def test_summary_status_defaults_to_completed_and_is_checked(tmp_path):

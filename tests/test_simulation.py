@@ -53,6 +53,37 @@ def test_fedex_is_exact_every_round_and_fedit_is_not(ray_local, runs, tmp_path_f
         assert (df["clients_completed"] == 4).all() and (df["clients_failed"] == 0).all()
 
 
+def test_modules_parquet_holds_each_modules_deviation(ray_local, runs, tmp_path_factory):
+    """modules.parquet: one row per module and round, each equal to a dense float64 recomputation from the saved
+    uploads (FedIT: ‖Σ p_k s B_k A_k − s B_g A_g‖ / ‖Σ p_k s B_k A_k‖), and together they give the round's
+    deviation_rel."""
+    from safetensors.numpy import load_file
+    from safetensors import safe_open
+
+    run = _run(ray_local, runs, tmp_path_factory, "fedit", **{"output.save_updates": "true"})
+    mods, by_round = pd.read_parquet(run / "modules.parquet"), rounds(run).set_index("round")
+    assert sorted(mods["round"].unique()) == [1, 2, 3] and mods.groupby("round").size().eq(4).all()
+    for rnd, part in mods.groupby("round"):
+        folder = run / "updates" / f"round-{rnd:04d}"
+        glob = load_file(folder / "global.safetensors")
+        clients = []
+        for path in sorted(folder.glob("client-*.safetensors")):
+            with safe_open(str(path), "np") as f:
+                meta = f.metadata()
+            clients.append((float(meta["weight"]), float(meta["scale"]), load_file(path)))
+        scale = clients[0][1]
+        for _, row in part.iterrows():
+            name = row["module"]
+            ideal = sum(p * s * c[f"{name}.lora_B"].astype(np.float64) @ c[f"{name}.lora_A"].astype(np.float64)
+                        for p, s, c in clients)
+            applied = scale * glob[f"{name}.lora_B"].astype(np.float64) @ glob[f"{name}.lora_A"].astype(np.float64)
+            assert row["ideal_norm"] == pytest.approx(np.linalg.norm(ideal), rel=1e-5)
+            assert row["deviation_rel"] == pytest.approx(np.linalg.norm(ideal - applied) / np.linalg.norm(ideal),
+                                                         rel=1e-4)
+        total = np.sqrt(((part["deviation_rel"] * part["ideal_norm"]) ** 2).sum() / (part["ideal_norm"] ** 2).sum())
+        assert total == pytest.approx(by_round.loc[rnd, "deviation_rel"], rel=1e-9)
+
+
 def test_bytes_match_the_communication_formulas(ray_local, runs, tmp_path_factory):
     fedit = rounds(_run(ray_local, runs, tmp_path_factory, "fedit", **{"output.save_updates": "true"}))
     fedex = rounds(_run(ray_local, runs, tmp_path_factory, "fedex", **{"aggregator.name": "fedex",

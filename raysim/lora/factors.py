@@ -311,7 +311,8 @@ def ideal_update(updates: list[tuple[float, LoRAFactors]],
 class DeviationReport:
     deviation_rel: float          # ‖ΔW* − ΔW_applied‖ / ‖ΔW*‖ over all modules (NaN if ‖ΔW*‖≈0)
     deviation_rel_round: float    # same, denominators ‖ΔW* − previous global product‖
-    per_module: dict[str, float] = field(default_factory=dict)
+    per_module: dict[str, float] = field(default_factory=dict)      # each module's ‖ΔW* − ΔW_applied‖ / ‖ΔW*‖
+    ideal_norms: dict[str, float] = field(default_factory=dict)     # each module's ‖ΔW*‖_F
 
 
 def deviation(
@@ -326,7 +327,7 @@ def deviation(
     round; base_delta: this round's change of W_base (None if the base did not change).
     """
     num2 = den2 = den_round2 = 0.0
-    per_module, buffers = {}, {}
+    per_module, norms, buffers = {}, {}, {}
     for name, ups in updates.items():
         star, d, inc = module_deviation(ideal_update(ups, buffers), new_global[name], (base_delta or {}).get(name),
                                         (old_global or {}).get(name))
@@ -334,9 +335,10 @@ def deviation(
         den2 += star * star
         den_round2 += inc * inc
         per_module[name] = d / star if star > 1e-12 else float("nan")
+        norms[name] = star
     rel = float(np.sqrt(num2 / den2)) if den2 > 1e-24 else float("nan")
     rel_round = float(np.sqrt(num2 / den_round2)) if den_round2 > 1e-24 else float("nan")
-    return DeviationReport(rel, rel_round, per_module)
+    return DeviationReport(rel, rel_round, per_module, norms)
 
 
 def module_deviation(stack: tuple[np.ndarray, np.ndarray], new: LoRAFactors, base: BaseDelta | None,

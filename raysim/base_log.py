@@ -28,17 +28,13 @@ def compacted(delta: dict[str, BaseDelta]) -> dict[str, BaseDelta]:
     nothing changes) left out."""
     out = {}
     for name, d in delta.items():
-        if _empty(d):
+        if d.is_empty():
             continue
         if d.v is None:
             out[name] = BaseDelta(np.asarray(d.u, dtype=np.float64), None)
         else:
             out[name] = compact_delta(np.asarray(d.u, dtype=np.float64), np.asarray(d.v, dtype=np.float64))
     return out
-
-
-def _empty(d: BaseDelta) -> bool:
-    return d.v is not None and d.u.shape[1] == 0
 
 
 class BaseDeltaLog:
@@ -55,7 +51,7 @@ class BaseDeltaLog:
 
     def record(self, version: int, delta: dict[str, BaseDelta]) -> None:
         """Append version `version`; each module is kept factored or dense, whichever is smaller."""
-        sizes = {name: d.numel() for name, d in delta.items() if not _empty(d)}
+        sizes = {name: d.numel() for name, d in delta.items() if not d.is_empty()}
         self.entries.append((version, {name: (d.u, d.v) for name, d in compacted(delta).items()}))
         self._add_sizes(version, sizes)
 

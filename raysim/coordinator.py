@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from raysim.base_log import BaseDeltaLog
 from raysim.client_store import ClientStore
 from raysim.clients import client_index
 from raysim.config import ExperimentConfig
+from raysim.coordinator_state import coordinator_state, restore_coordinator
 from raysim.data.noise import apply_label_noise
 from raysim.engines.base import ClientJob
 from raysim.faults import FaultInjector
@@ -36,50 +36,13 @@ from raysim.lora.factors import Factors, LoRAFactors, deviation, normalise_weigh
 from raysim.pool import JobOutcome, WorkerPool, WorkerSpec
 from raysim.ranks import (assign_ranks, check_ranks_fit, ranks_by_validation, rerank_due, scale_for,
                           validation_rows, validation_score)
+from raysim.round_types import Aggregated, Pending, RoundOutput, RoundPlan
 from raysim.records import PERSONAL_METRICS, client_row, frozen_changed, global_tensors, upload_tensors, weighted
 from raysim.sampling import ClientSampler
 from raysim.seeds import client_seed
 from raysim.storage import RunStorage
 from raysim.tasks import ROW_METRICS, task_for
 from raysim.validation import clip_update, rejection_reason
-
-
-@dataclass
-class Pending:
-    """Results of round r still being computed when `run_round` returns (ObjectRefs)."""
-
-    evaluation: list = field(default_factory=list)      # EvalResult shards of the global evaluation
-    deviation: Any = None                               # (deviation_rel, deviation_rel_round, module rows)
-    personal: list = field(default_factory=list)        # [(client id, EvalResult)] shards, personalised evaluation
-    personal_weights: dict[int, float] = field(default_factory=dict)   # p_k of the personally evaluated clients
-
-
-@dataclass
-class RoundOutput:
-    row: dict[str, Any]                                     # one rounds.parquet row (pending values missing)
-    clients: list[dict[str, Any]]                           # clients.parquet rows
-    pending: Pending = field(default_factory=Pending)
-    group_names: list[str] = field(default_factory=list)    # eval.group_by: the values of the group codes
-    uploads: dict[int, tuple[dict[str, np.ndarray], dict[str, str]]] = field(default_factory=dict)
-    global_tensors: dict[str, np.ndarray] | None = None     # save_updates only
-    checkpoint: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
-
-
-@dataclass
-class RoundPlan:
-    """The plan phase's outcome: each sampled client's plan and the scalars sent to them."""
-
-    clients: dict[int, ClientPlan]
-    download_numel: int
-
-
-@dataclass
-class Aggregated:
-    """The aggregate phase's outcome."""
-
-    updates: list[ClientUpdate]
-    result: AggregateResult
-    old_global: Factors
 
 
 def blas_threads(cfg: ExperimentConfig) -> int:
@@ -133,14 +96,13 @@ class CoordinatorImpl:
         self.cfg = cfg
         self.test_idx = np.asarray(partition["test_idx"])
         self.clients = client_index(partition, cfg)           # each client's training and local test rows
-        self.client_train, self.client_test = self.clients.train, self.clients.test
         self.base_log = BaseDeltaLog()
         self.pool = WorkerPool(spec, workers, self.base_log)     # workers build their models meanwhile
         self.task = task_for(cfg)
         arrays = self.task.arrays(raw)
         noisy = []
         if cfg.data.label_noise is not None:             # data.label_noise: train labels only (seq_cls)
-            arrays["labels"], noisy = apply_label_noise(arrays["labels"], self.client_train, cfg, spec.num_labels)
+            arrays["labels"], noisy = apply_label_noise(arrays["labels"], self.clients.train, cfg, spec.num_labels)
         self.noisy = {int(c) for c in noisy}
         self.gen_idx = self.task.generation_subset(self.test_idx, cfg.seed)   # evaluated by generation
         self.pool.attach_data(ray.put(arrays), self.clients.per_client)
@@ -255,7 +217,7 @@ class CoordinatorImpl:
         if not rerank_due(self.cfg, rnd):
             return
         spec = self.cfg.lora.rank
-        rows = validation_rows(spec, self.client_train, self.cfg.seed)
+        rows = validation_rows(spec, self.clients.train, self.cfg.seed)
         items = [(cid, self.aggregator.plan(rnd + 1, cid).start, self.heads.start_for(cid), idx)
                  for cid, idx in rows.items() if len(idx)]
         results = self.pool.evaluate_clients_now(items, self.cfg.federation.round_timeout_s)
@@ -289,7 +251,7 @@ class CoordinatorImpl:
         model it holds after aggregation (what it would start the next round from: for FedSA-LoRA its own B
         with the new shared A, for CE-LoRA its mixed core, under a local head its own head)."""
         items = [(u.client_id, self.aggregator.plan(rnd + 1, u.client_id).start, self.heads.start_for(u.client_id),
-                  self.client_test[u.client_id]) for u in agg.updates if len(self.client_test[u.client_id])]
+                  self.clients.test[u.client_id]) for u in agg.updates if len(self.clients.test[u.client_id])]
         self.personal_inputs = {r: v for r, v in self.personal_inputs.items() if r >= rnd - 1} | {rnd: items}
         pending.personal = self.pool.submit_clients_evaluation(items)
         pending.personal_weights = {u.client_id: u.weight for u in agg.updates}
@@ -313,7 +275,7 @@ class CoordinatorImpl:
 
     def _job(self, rnd: int, cid: int, plan: ClientPlan, deadline: float) -> ClientJob:
         cfg = self.cfg
-        train_idx = self.client_train[cid]
+        train_idx = self.clients.train[cid]
         steps = cfg.train.local_steps
         if cfg.train.local_epochs is not None:
             steps = max(1, int(np.ceil(cfg.train.local_epochs * len(train_idx) / cfg.train.batch_size)))
@@ -392,34 +354,12 @@ class CoordinatorImpl:
     # ------------------------------------------------------------------------------------------------ state
 
     def state_dict(self, rnd: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        agg_tensors, agg_meta = self.aggregator.state_dict()
-        head_tensors, head_meta = self.heads.state_dict()
-        base_tensors, base_meta = self.base_log.state_dict()
-        ledger_tensors, ledger_meta = self.ledger.state_dict()
-        tensors = {f"agg/{k}": np.ascontiguousarray(v) for k, v in agg_tensors.items()}
-        tensors.update(head_tensors)
-        tensors.update({f"base/{k}": v for k, v in base_tensors.items()})
-        tensors.update({f"ledger/{k}": v for k, v in ledger_tensors.items()})
-        tensors["ranks"] = np.array([self.ranks[c] for c in range(self.cfg.federation.num_clients)], np.int32)
-        meta = {"round": rnd, "aggregator": agg_meta, **head_meta, "base_versions": base_meta,
-                "last_sync": ledger_meta, "wall_s": self.elapsed_before + (time.time() - self.started)}
-        return tensors, meta
+        """The server state after round `rnd` as checkpoint tensors and metadata (raysim.coordinator_state)."""
+        return coordinator_state(self, rnd)
 
     def load_state_dict(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> int:
         """Restore a checkpoint; returns the round it was taken after."""
-        if "ranks" in tensors:                    # before the aggregator's own state (HetLoRA's rank_total wins)
-            self.ranks = {c: int(r) for c, r in enumerate(tensors["ranks"])}
-            self.aggregator.client_ranks = dict(self.ranks)
-        self.aggregator.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("agg/")},
-                                        meta["aggregator"])
-        self.heads.load_state_dict(tensors, meta)
-        self.base_log.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("base/")},
-                                      meta["base_versions"])
-        self.ledger.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("ledger/")},
-                                    meta["last_sync"])
-        self.elapsed_before = float(meta["wall_s"])
-        self.started = time.time()
-        return int(meta["round"])
+        return restore_coordinator(self, tensors, meta)
 
     def final_adapter(self, base_model_name: str) -> tuple[dict[str, bytes], dict[str, np.ndarray] | None]:
         """(PEFT adapter directory files, cumulative base delta per module or None)."""

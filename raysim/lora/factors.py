@@ -84,6 +84,10 @@ class BaseDelta:
     def dense(self) -> np.ndarray:
         return delta_matrix(self.u, self.v)
 
+    def is_empty(self) -> bool:
+        """A factored change of rank 0 (u has no columns): nothing to apply or send."""
+        return is_empty_term((self.u, self.v))
+
     def numel(self) -> int:
         """Scalars needed to send it: factored q(m+n), or dense m·n if that is smaller."""
         m, n = self.shape
@@ -148,7 +152,7 @@ def _merge_terms(terms: list[Term], combos: list[list[float]]) -> tuple[list[Ter
     keep: list[int] = []
     where: dict[int, int] = {}
     for i, term in enumerate(terms):
-        if _empty(term) or not any(c[i] for c in combos):
+        if is_empty_term(term) or not any(c[i] for c in combos):
             continue
         j = next((k for k, t in enumerate(keep) if _same_term(terms[t], term)), None)
         if j is None:
@@ -205,7 +209,8 @@ def _dense_norms(terms: list[Term], combos: list[list[float]]) -> list[float]:
     return out
 
 
-def _empty(term: Term) -> bool:
+def is_empty_term(term: Term) -> bool:
+    """A factored term u·v of rank 0 (u has no columns); a dense term (v None) never is."""
     return term[1] is not None and term[0].shape[1] == 0
 
 

@@ -7,7 +7,8 @@ A claim's verdict combines those of its comparisons: contradicted when any compa
 when any comparison could not be made (sweep folder missing, fewer than 3 seeds of completed pairs);
 otherwise reproduced when all are; otherwise not reproduced at this scale. A missing sweep or missing
 trials never stop the document: the claim says "not run" and why. A claims file that names a column the
-sweep does not have raises ConfigError (the CLI exits with 2).
+sweep does not have raises ConfigError (the CLI exits with 2). A claim with `breakdown:` also gets the numbers
+behind its verdict per setting (`raysim.report.breakdown`); they never change the verdict.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raysim.errors import ConfigError
+from raysim.report.breakdown import Breakdown, compute
 from raysim.report.claims_spec import Claim, load_claims
 from raysim.report.load import read_yaml, rounds_frame, swept_dims, trial_run
 from raysim.report.paired import CONTRADICTED, NOT_REPRODUCED, NOT_RUN, REPRODUCED, Outcome, compare
@@ -32,6 +34,8 @@ class ClaimResult:
     outcomes: list[Outcome] = field(default_factory=list)
     sweep_uri: str = ""
     png: str | None = None
+    breakdown: Breakdown | None = None         # when the claim asks for one and its sweep exists
+    breakdown_png: str | None = None
 
 
 def claims_report(root: RunStorage, claims_file: "str | Path", shown_root: str = "") -> list[ClaimResult]:
@@ -43,12 +47,15 @@ def claims_report(root: RunStorage, claims_file: "str | Path", shown_root: str =
 def write_document(results: list[ClaimResult], dest: Path, root: str, claims_file: str, command: str) -> Path:
     """reproduction.md and the claims' PNGs, written into the local folder `dest`; returns the markdown."""
     from raysim.report.claims_md import render
-    from raysim.report.plots import claim_plot, save
+    from raysim.report.plots import breakdown_plot, claim_plot, save
 
     for r in results:
         fig = claim_plot(r.claim, r.outcomes)
         if fig is not None:
             r.png = save(fig, dest / f"claim-{r.claim.id}.png").name
+        fig = breakdown_plot(r.claim.id, r.breakdown)
+        if fig is not None:
+            r.breakdown_png = save(fig, dest / f"claim-{r.claim.id}-breakdown.png").name
     doc = dest / DOCUMENT
     doc.write_text(render(results, root, claims_file, command))
     return doc
@@ -69,7 +76,9 @@ def evaluate(root: RunStorage, claim: Claim, shown_root: str) -> ClaimResult:
     reader = MetricReader(claim, sweep, df)
     outcomes = [compare(df, dims, comp, reader, source, claim.higher_is_better) for comp in claim.comparisons]
     reader.check_seen()
-    return ClaimResult(claim, combine([o.verdict for o in outcomes]), outcomes=outcomes, sweep_uri=shown)
+    breakdown = compute(claim.breakdown, sweep, df, dims) if claim.breakdown else None
+    return ClaimResult(claim, combine([o.verdict for o in outcomes]), outcomes=outcomes, sweep_uri=shown,
+                       breakdown=breakdown)
 
 
 def shown_child(root: RunStorage, shown_root: str, name: str) -> str:

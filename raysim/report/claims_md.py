@@ -1,10 +1,12 @@
 """The markdown of reproduction.md: how it was made, a summary table (claim, paper result, ours, verdict), then
-one section per claim with the paired table of each comparison and the verdict in words."""
+one section per claim with the paired table of each comparison, the verdict in words and, for a claim with
+`breakdown:`, a Breakdown table per setting of its sweep."""
 
 from __future__ import annotations
 
 from typing import Callable
 
+from raysim.report.breakdown import FILES, PER_MODULE_DEVIATION, SLOT_DILUTION, Breakdown
 from raysim.report.fmt import byte_unit, fmt_bytes, mean_and_std
 from raysim.report.paired import CONTRADICTED, EXPECT_WORDS, MIN_SEEDS, NOT_RUN, REPRODUCED, Outcome
 
@@ -52,7 +54,13 @@ def formatter(outcomes: list[Outcome], column: str) -> Callable[..., str]:
     if column.startswith("bytes"):
         unit = byte_unit(vals)
         return lambda v, signed=False: ("+" if signed and v >= 0 else "") + fmt_bytes(v, unit)
-    sci = any(v != 0 and (v < 1e-3 or v >= 1e5) for v in vals)
+    return number_format(vals)
+
+
+def number_format(vals: list[float]) -> Callable[..., str]:
+    """fn(value, signed=False) for a set of numbers: scientific notation when one is tiny (deviations) or
+    large, else 4 decimals."""
+    sci = any(v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) for v in vals)
     return lambda v, signed=False: f"{v:{'+' if signed else ''}.{'2e' if sci else '4f'}}"
 
 
@@ -92,6 +100,43 @@ def _section(r) -> list[str]:
     lines += ["", f"**Verdict: {r.verdict}** — {_claim_sentence(r)}"]
     if r.png:
         lines += ["", f"![{c.id}]({r.png})"]
+    if r.breakdown is not None:
+        lines += [""] + _breakdown(r.breakdown, c.id, r.breakdown_png)
+    return lines
+
+
+BREAKDOWN_TITLES = {PER_MODULE_DEVIATION: "deviation per adapter module",
+                    SLOT_DILUTION: "dilution of the rank slots"}
+BREAKDOWN_SENTENCES = {
+    PER_MODULE_DEVIATION: "Each cell: per trial, the mean over its rounds of that module's deviation_rel = "
+                          "‖ΔW* − ΔW_applied‖/‖ΔW*‖ (ΔW* the ideal update, the mean of the clients' B_k A_k); "
+                          "then mean ± std over the n seeds of the setting.",
+    SLOT_DILUTION: "Each cell: the per-run summary of `python -m raysim.dilution` (high slots: those ≥ "
+                     "low_rank, which not every client owns; kept: the slot's norm after aggregation over the "
+                     "owners' weighted mean norm, averaged over the saved rounds), mean ± std over the n seeds "
+                     "of the setting.",
+}
+
+
+def _breakdown(b: Breakdown, cid: str, png: str | None) -> list[str]:
+    """The Breakdown section: settings as columns, modules or quantities as rows, mean ± std cells."""
+    lines = [f"### Breakdown: {BREAKDOWN_TITLES[b.kind]}", ""]
+    if b.note:
+        return lines + [b.note]
+    first = "module" if b.kind == PER_MODULE_DEVIATION else "quantity"
+    lines += ["| " + " | ".join([first] + [f"{_cell(s)} (n={b.seeds[s]})" for s in b.settings]) + " |",
+              "|" + "---|" * (len(b.settings) + 1)]
+    for row in b.rows:
+        cells = [b.values.get((row, s), []) for s in b.settings]
+        vals = [v for c in cells for v in c]
+        whole = vals and all(v.is_integer() for v in vals)          # e.g. low_rank
+        fmt = (lambda v, signed=False: f"{v:.4g}") if whole else number_format(vals)
+        lines.append("| " + " | ".join([_cell(b.row_label(row))] + [mean_std(c, fmt) for c in cells]) + " |")
+    lines += ["", BREAKDOWN_SENTENCES[b.kind]]
+    if b.missing:
+        lines[-1] += f" Left out: {b.missing} completed trial(s) without {FILES[b.kind]}."
+    if png:
+        lines += ["", f"![{cid} breakdown]({png})"]
     return lines
 
 

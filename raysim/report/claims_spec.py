@@ -20,6 +20,13 @@ columns (or on a key inside a JSON column: `aggregator.lam` inside the `aggregat
 greater, less, similar or at_least; `tolerance` (metric units) is required for similar and at_least.
 `best_of: [column, ...]` compares each side at its best value of those columns (by the mean metric over its
 completed trials, chosen separately for a and b), e.g. each method at its better learning rate.
+
+The optional key `breakdown` adds the numbers behind the verdict, per setting of the sweep, after the claim's
+comparisons (`raysim.report.breakdown`; it never changes the verdict):
+
+      breakdown: per_module_deviation     # deviation_rel per adapter module (each trial's modules.parquet)
+      breakdown: slot_dilution            # per rank slot, how much survived aggregation (each trial's updates/,
+                                          # written with output.save_updates: true; see raysim.dilution)
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ EXPECTS = ("greater", "less", "similar", "at_least")
 REDUCERS = ("last", "mean", "max", "min", "sum")
 CLAIM_KEYS = ("id", "paper", "sweep", "setting", "paper_result", "scale", "metric", "higher_is_better",
               "comparisons")
+OPTIONAL_CLAIM_KEYS = ("breakdown",)
+PER_MODULE_DEVIATION = "per_module_deviation"
+SLOT_DILUTION = "slot_dilution"
+BREAKDOWNS = (PER_MODULE_DEVIATION, SLOT_DILUTION)
 TEXT_KEYS = ("paper", "setting", "paper_result", "scale")
 COMPARISON_KEYS = ("a", "b", "expect", "tolerance", "best_of")
 
@@ -76,6 +87,7 @@ class Claim:
     higher_is_better: bool
     comparisons: tuple[Comparison, ...]
     where: str
+    breakdown: str | None = None               # one of BREAKDOWNS
 
 
 def load_claims(path: "str | Path") -> list[Claim]:
@@ -102,7 +114,7 @@ def load_claims(path: "str | Path") -> list[Claim]:
 def _claim(raw: Any, where: str) -> Claim:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with keys {', '.join(CLAIM_KEYS)}")
-    _check_keys(raw, CLAIM_KEYS, CLAIM_KEYS, where)
+    _check_keys(raw, CLAIM_KEYS + OPTIONAL_CLAIM_KEYS, CLAIM_KEYS, where)
     cid = raw["id"]
     if not isinstance(cid, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", cid):
         raise ConfigError(f"{where}.id: letters, digits, '_' or '-' (got {cid!r})")
@@ -115,10 +127,13 @@ def _claim(raw: Any, where: str) -> Claim:
     comps = raw["comparisons"]
     if not isinstance(comps, list) or not comps:
         raise ConfigError(f"{where}.comparisons: expected a non-empty list of {{a: ..., b: ..., expect: ...}}")
+    breakdown = raw.get("breakdown")
+    if breakdown is not None and breakdown not in BREAKDOWNS:
+        raise ConfigError(f"{where}.breakdown: {breakdown!r} is not one of {', '.join(BREAKDOWNS)}")
     return Claim(id=cid, sweep=raw["sweep"].strip(), metric=_metric(raw["metric"], f"{where}.metric"),
                  higher_is_better=raw["higher_is_better"],
                  comparisons=tuple(_comparison(c, f"{where}.comparisons[{j}]") for j, c in enumerate(comps)),
-                 where=where, **{k: " ".join(raw[k].split()) for k in TEXT_KEYS})
+                 where=where, breakdown=breakdown, **{k: " ".join(raw[k].split()) for k in TEXT_KEYS})
 
 
 def _metric(raw: Any, where: str) -> Metric:

@@ -204,3 +204,36 @@ def claim_plot(claim, outcomes):
     fig.tight_layout()
     return fig
 
+
+
+def breakdown_plot(claim_id: str, breakdown):
+    """A per_module_deviation breakdown (raysim.report.breakdown): one line per setting over the adapter
+    modules in layer order, mean ± std over seeds, log y when the values span more than 2 decades; None for
+    another breakdown or one without data."""
+    from raysim.report.breakdown import PER_MODULE_DEVIATION
+    from raysim.report.fmt import mean_and_std
+
+    if breakdown is None or breakdown.kind != PER_MODULE_DEVIATION or not breakdown.values:
+        return None
+    rows = breakdown.rows
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.6 * len(rows) + 2.5), 4.2))
+    styles = _styles(breakdown.settings)
+    for setting in breakdown.settings:
+        points = [(i, *mean_and_std(breakdown.values[(row, setting)])) for i, row in enumerate(rows)
+                  if (row, setting) in breakdown.values]
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] or 0.0 for p in points],
+                    capsize=3, label=f"{setting} (n={breakdown.seeds[setting]})", alpha=0.85,
+                    markerfacecolor="none", markersize=7, **styles[setting])
+    positive = [v for vals in breakdown.values.values() for v in vals if v > 0]
+    if positive and max(positive) > 100 * min(positive):
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([breakdown.row_label(r) for r in rows], rotation=30 if len(rows) > 4 else 0,
+                       ha="right" if len(rows) > 4 else "center", fontsize=8)
+    ax.set(xlabel="adapter module, in layer order",
+           ylabel=textwrap.fill("deviation_rel, mean over rounds (ratio ‖ideal − applied‖/‖ideal‖)", 34))
+    ax.yaxis.label.set_fontsize(8)
+    ax.set_title(f"{claim_id}: deviation per module (mean ± std over seeds)", fontsize=9)
+    ax.legend(title="setting", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig

@@ -129,6 +129,23 @@ def start_ray(address: str | None, cfg: ExperimentConfig, verbose: bool = False,
     return True
 
 
+def stop_ray() -> None:
+    """`ray.shutdown()` of the Ray this process started. The local instance's autoscaler monitor (there is
+    nothing to autoscale on one machine, and it keeps no state) ignores SIGTERM, so Ray's shutdown would wait
+    its full second-long grace period for it: it is killed first."""
+    import ray
+
+    node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
+    for info in (getattr(node, "all_processes", None) or {}).get("monitor", []):
+        try:
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=5)
+        except Exception:  # noqa: BLE001 - Ray's shutdown below stops it anyway
+            pass
+    ray.shutdown()
+
+
 def resolve_gpus(cfg: ExperimentConfig) -> float:
     """GPU share per worker: 'auto' = 1/num_workers of the visible GPUs (0 without GPUs). A GPU request
     the cluster cannot satisfy is an error, never an actor pending forever."""
@@ -155,8 +172,6 @@ def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str
                    prepared=None) -> dict[str, Any]:
     """Run (or resume) one simulation into `run_dir` (a local path or a URI such as s3://bucket/run); returns
     the summary dict (with `startup_phases`). on_round(row, checkpoint) runs after each round is written."""
-    import ray
-
     from raysim.checkpoint import config_hash, drop_orphan_segments, load_newest_intact
     from raysim.tasks import logged_metrics
 
@@ -194,7 +209,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str
         if session is not None:
             session.stop()
         if started_ray:
-            ray.shutdown()
+            stop_ray()
         clock.lap("teardown_s")
     summary["startup_phases"] = clock.summary()
     return summary

@@ -166,7 +166,9 @@ def run_sweep(spec: SweepSpec | None, sweep_dir: "str | Path | RunStorage", *, r
     finally:
         _ACTIVE = None
         if started:
-            ray.shutdown()
+            from raysim.runner import stop_ray
+
+            stop_ray()
 
 
 def _sweep_to_run(spec: SweepSpec | None, sweep: RunStorage, resume: bool) -> SweepSpec:

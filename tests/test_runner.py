@@ -1,0 +1,41 @@
+"""raysim.runner's Ray lifecycle: the local instance a run starts is stopped completely."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STOP = """
+import json, os, psutil, ray
+from raysim.runner import stop_ray
+
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+monitor = ray._private.worker._global_node.all_processes["monitor"][0].process
+children = psutil.Process().children(recursive=True)
+seen, shutdown = {}, ray.shutdown
+def spy(*args, **kwargs):                       # what ray.shutdown finds when stop_ray calls it
+    seen["monitor_alive"] = monitor.poll() is None
+    return shutdown(*args, **kwargs)
+ray.shutdown = spy
+stop_ray()
+gone, alive = psutil.wait_procs(children, timeout=20)
+print(json.dumps({"alive": [p.pid for p in alive], "children": len(children), "monitor_rc": monitor.returncode,
+                  "initialized": ray.is_initialized(), **seen}))
+"""
+
+
+def test_stop_ray_leaves_no_ray_process_and_kills_the_monitor_outright(tmp_path):
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", STOP], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["children"] >= 3 and out["alive"] == []        # raylet, GCS, monitor, ...: all gone
+    # the monitor ignores SIGTERM: killed before ray.shutdown, which would wait a 1 s grace period for it
+    assert out["monitor_alive"] is False and out["monitor_rc"] == -9
+    assert out["initialized"] is False

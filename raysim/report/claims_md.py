@@ -98,6 +98,8 @@ def _section(r) -> list[str]:
     for i, o in enumerate(r.outcomes, start=1):
         lines += [""] + _comparison(i, o, fmt)
     lines += ["", f"**Verdict: {r.verdict}** — {_claim_sentence(r)}"]
+    if c.discussion:
+        lines += ["", f"**Discussion.** {c.discussion}"]
     if r.png:
         lines += ["", f"![{c.id}]({r.png})"]
     if r.breakdown is not None:

@@ -27,6 +27,9 @@ comparisons (`raysim.report.breakdown`; it never changes the verdict):
       breakdown: per_module_deviation     # deviation_rel per adapter module (each trial's modules.parquet)
       breakdown: slot_dilution            # per rank slot, how much survived aggregation (each trial's updates/,
                                           # written with output.save_updates: true; see raysim.dilution)
+
+The optional key `discussion` (text) is the authors' reading of the result — why it comes out as it does —
+shown under the verdict. Keep numbers out of it (the tables above it carry them and regenerate).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ EXPECTS = ("greater", "less", "similar", "at_least")
 REDUCERS = ("last", "mean", "max", "min", "sum")
 CLAIM_KEYS = ("id", "paper", "sweep", "setting", "paper_result", "scale", "metric", "higher_is_better",
               "comparisons")
-OPTIONAL_CLAIM_KEYS = ("breakdown",)
+OPTIONAL_CLAIM_KEYS = ("breakdown", "discussion")
 PER_MODULE_DEVIATION = "per_module_deviation"
 SLOT_DILUTION = "slot_dilution"
 BREAKDOWNS = (PER_MODULE_DEVIATION, SLOT_DILUTION)
@@ -88,6 +91,7 @@ class Claim:
     comparisons: tuple[Comparison, ...]
     where: str
     breakdown: str | None = None               # one of BREAKDOWNS
+    discussion: str | None = None              # the authors' reading of the result, shown under the verdict
 
 
 def load_claims(path: "str | Path") -> list[Claim]:
@@ -127,13 +131,17 @@ def _claim(raw: Any, where: str) -> Claim:
     comps = raw["comparisons"]
     if not isinstance(comps, list) or not comps:
         raise ConfigError(f"{where}.comparisons: expected a non-empty list of {{a: ..., b: ..., expect: ...}}")
+    discussion = raw.get("discussion")
+    if discussion is not None and (not isinstance(discussion, str) or not discussion.strip()):
+        raise ConfigError(f"{where}.discussion: expected a non-empty string")
     breakdown = raw.get("breakdown")
     if breakdown is not None and breakdown not in BREAKDOWNS:
         raise ConfigError(f"{where}.breakdown: {breakdown!r} is not one of {', '.join(BREAKDOWNS)}")
     return Claim(id=cid, sweep=raw["sweep"].strip(), metric=_metric(raw["metric"], f"{where}.metric"),
                  higher_is_better=raw["higher_is_better"],
                  comparisons=tuple(_comparison(c, f"{where}.comparisons[{j}]") for j, c in enumerate(comps)),
-                 where=where, breakdown=breakdown, **{k: " ".join(raw[k].split()) for k in TEXT_KEYS})
+                 where=where, breakdown=breakdown, discussion=discussion and " ".join(discussion.split()),
+                 **{k: " ".join(raw[k].split()) for k in TEXT_KEYS})
 
 
 def _metric(raw: Any, where: str) -> Metric:

@@ -201,6 +201,7 @@ def test_json_section_keys_rounds_metrics_pairing_and_best_of(tmp_path):
     ({"comparisons": [cmp("x", "y", "bigger")]}, "expect"),
     ({"comparisons": [cmp("x", "y", "similar")]}, "tolerance"),
     ({"comparisons": [cmp("x", "y", "greater") | {"a": {"seed": 0}}]}, "selects several completed trials"),
+    ({"discussion": ""}, "discussion"),
 ])
 def test_claims_naming_what_the_sweep_lacks_are_refused_naming_the_key(tmp_path, change, key):
     toy_sweep(tmp_path / "root")
@@ -208,6 +209,18 @@ def test_claims_naming_what_the_sweep_lacks_are_refused_naming_the_key(tmp_path,
                                                  "comparisons": [cmp("x", "y", "greater")], **change}])
     with pytest.raises(ConfigError, match=re.escape(key)):
         claims_report(RunStorage.of(tmp_path / "root"), claims)
+
+
+def test_a_claims_discussion_is_shown_under_its_verdict(tmp_path):
+    from raysim.report.claims import write_document
+
+    toy_sweep(tmp_path / "root")
+    claims = write_claims(tmp_path / "c.yaml", [{**TOY_CLAIMS[0], "discussion": "Why:\n  because."}])
+    results = claims_report(RunStorage.of(tmp_path / "root"), claims)
+    (tmp_path / "out").mkdir()
+    text = write_document(results, tmp_path / "out", "root", "c.yaml", "raysim report").read_text()
+    verdict = text.index("**Verdict:", text.index(f"## `{TOY_CLAIMS[0]['id']}`"))
+    assert text.index("**Discussion.** Why: because.") > verdict
 
 
 def test_cli_writes_the_document_and_exits_2_on_a_bad_claim(tmp_path):

@@ -15,7 +15,6 @@ breakdown is one line saying so (runs made before modules.parquet existed, or wi
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import tempfile
@@ -24,7 +23,7 @@ from typing import Any
 
 from raysim.report.claims_spec import PER_MODULE_DEVIATION, SLOT_DILUTION
 from raysim.report.load import trial_run
-from raysim.report.paired import label
+from raysim.report.paired import json_value, label
 from raysim.storage import RunStorage
 
 NOT_RECORDED = {
@@ -121,22 +120,12 @@ def setting_label(keys: list[str], values: tuple) -> str:
     """'fedex', 'lora_fair, lam=0.01' (a JSON section column spelled out), 'fedit, num_clients=10'."""
     selector: dict[str, Any] = {}
     for key, value in zip(keys, values):
-        section = _json_mapping(value)
-        if section is None:
+        section = json_value(value) if isinstance(value, str) else None      # a whole-section JSON column
+        if not isinstance(section, dict):
             selector[key] = value.item() if hasattr(value, "item") else value
         else:
             selector.update({f"{key}.{k}": v for k, v in section.items()})
     return label(selector)
-
-
-def _json_mapping(value: Any) -> dict | None:
-    if not (isinstance(value, str) and value.startswith("{")):
-        return None
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
 
 
 def module_means(run: RunStorage) -> dict[str, float] | None:

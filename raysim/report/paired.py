@@ -90,11 +90,12 @@ def equal(value: Any, want: Any) -> bool:
     if isinstance(want, (int, float)) and isinstance(value, (int, float)):
         return math.isclose(float(value), float(want), rel_tol=1e-9, abs_tol=1e-15)
     if isinstance(want, (dict, list)) and isinstance(value, str):
-        return _loads(value) == want
+        return json_value(value) == want
     return value == want
 
 
-def _loads(text: str) -> Any:
+def json_value(text: str) -> Any:
+    """The JSON value of a cell's text (e.g. a whole-section column); _MISSING when it is not JSON."""
     try:
         return json.loads(text)
     except ValueError:

@@ -135,14 +135,13 @@ def stop_ray() -> None:
     its full second-long grace period for it: it is killed first."""
     import ray
 
-    node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
-    for info in (getattr(node, "all_processes", None) or {}).get("monitor", []):
-        try:
+    try:                                           # Ray's private node handle: absent when joined, not started
+        for info in ray._private.worker._global_node.all_processes.get("monitor", []):
             if info.process.poll() is None:
                 info.process.kill()
                 info.process.wait(timeout=5)
-        except Exception:  # noqa: BLE001 - Ray's shutdown below stops it anyway
-            pass
+    except Exception:  # noqa: BLE001 - Ray's shutdown below stops it anyway
+        pass
     ray.shutdown()
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from raysim.aggregators.base import truncate
-from raysim.aggregators.flexlora import thin_svd
+from raysim.aggregators import flexlora
+from raysim.aggregators.flexlora import none_missed, thin_svd, top_eigenpairs
 from raysim.aggregators.state import encode
 from raysim.lora import factors as factors_module
 from raysim.lora.factors import ideal_update
@@ -159,9 +160,11 @@ GRAM_SHAPES = {"layer.wide": (30, 40), "layer.tall": (40, 18)}
 GRAM_RANKS = (2, 3, 2, 3, 2, 3, 2, 3)
 
 
+@pytest.mark.parametrize("lanczos_min_order", [10 ** 9, 0])            # LAPACK eigh, or Lanczos + check
 @pytest.mark.parametrize("qr_weight", [float("inf"), 0.0])          # ΔW* dense, or QR of the stacks
-def test_top_triplets_tails_and_deviation_match_a_dense_svd(monkeypatch, qr_weight):
+def test_top_triplets_tails_and_deviation_match_a_dense_svd(monkeypatch, qr_weight, lanczos_min_order):
     monkeypatch.setattr(factors_module, "QR_WEIGHT", qr_weight)
+    monkeypatch.setattr(flexlora, "LANCZOS_MIN_ORDER", lanczos_min_order)
     agg, _ = make_aggregator("flexlora", ranks=GRAM_RANKS, shapes=GRAM_SHAPES)
     rng = np.random.default_rng(11)
     previous = {mod: np.zeros(shape) for mod, shape in GRAM_SHAPES.items()}
@@ -231,3 +234,34 @@ def test_checkpoints_that_kept_the_full_svd_still_load():
         evaluated = product(restored.evaluation_factors()[mod]) + restored.evaluation_base_delta()[mod].dense()
         np.testing.assert_allclose(evaluated, star, rtol=0, atol=1e-10 * np.linalg.norm(star))
         assert restored.svd[mod][0].shape[1] == 3
+
+
+def psd_with_spectrum(eigenvalues, rng):
+    q, _ = np.linalg.qr(rng.normal(size=(len(eigenvalues), len(eigenvalues))))
+    return (q * np.asarray(eigenvalues, dtype=float)) @ q.T, q
+
+
+@pytest.mark.parametrize("spectrum", ["flat", "repeated_top", "tie_at_the_cut"])
+def test_top_eigenpairs_by_lanczos_match_a_dense_eigendecomposition(spectrum):
+    rng = np.random.default_rng(5)
+    lam = np.sort(rng.uniform(1, 1.1, size=120))[::-1]                    # flat: the hardest for Krylov methods
+    if spectrum == "repeated_top":
+        lam[:4] = 5.0                                                      # a fourfold top eigenvalue
+    elif spectrum == "tie_at_the_cut":
+        lam[6:9] = lam[7]                                                  # σ_7 = σ_8 = σ_9, r = 8
+    gram, _ = psd_with_spectrum(lam, rng)
+    got, vec = top_eigenpairs(gram, 8)
+    want = np.linalg.eigvalsh(gram)[::-1][:8]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(gram @ vec, vec * got, atol=1e-12)          # eigenpairs, orthonormal vectors
+    np.testing.assert_allclose(vec.T @ vec, np.eye(8), atol=1e-12)
+
+
+def test_none_missed_rejects_pairs_that_skip_an_eigenvalue():
+    rng = np.random.default_rng(6)
+    lam = np.linspace(10, 1, 80)
+    gram, q = psd_with_spectrum(lam, rng)
+    assert none_missed(gram, lam[:5], q[:, :5])
+    assert not none_missed(gram, lam[1:6], q[:, 1:6])                      # the largest one is missing
+    assert not none_missed(gram, np.r_[lam[:4], lam[5]], q[:, [0, 1, 2, 3, 5]])   # the fifth one is missing
+    assert not none_missed(np.zeros((80, 80)), np.zeros(5), q[:, :5])

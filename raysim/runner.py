@@ -10,6 +10,7 @@ The driver never imports torch, transformers or peft.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -107,8 +108,8 @@ def _check_task_keys(cfg: ExperimentConfig) -> None:
 
 def start_ray(address: str | None, cfg: ExperimentConfig, verbose: bool = False, driver_cpus: int = 0) -> bool:
     """Join or start Ray: an explicit address, else RAY_ADDRESS (set inside a Ray job), else a private local
-    instance without dashboard (never another user's cluster by accident). Returns True if this call started
-    Ray (and so should stop it)."""
+    instance without dashboard or autoscaler monitor (`lean_local_head`; never another user's cluster by
+    accident). Returns True if this call started Ray (and so should stop it)."""
     import ray
 
     if ray.is_initialized():
@@ -125,8 +126,38 @@ def start_ray(address: str | None, cfg: ExperimentConfig, verbose: bool = False,
                               f"{cfg.resources.cpus_per_worker:g} need {need:g} CPUs but this machine has {have}; "
                               "use fewer workers, a smaller resources.cpus_per_worker, or a cluster (--address)")
         # driver_cpus: logical CPUs for processes that mostly wait (a sweep's trial drivers), on top of the cores
-        ray.init(address="local", num_cpus=max(have, math.ceil(need) + driver_cpus), include_dashboard=False, **quiet)
+        with lean_local_head():
+            ray.init(address="local", num_cpus=max(have, math.ceil(need) + driver_cpus), include_dashboard=False,
+                     **quiet)
     return True
+
+
+# Ray's head-node steps that a private single-machine instance does not need: with include_dashboard=False
+# Ray still starts a dashboard process (it serves only usage statistics, which raysim turns off) and waits
+# for it to come up, about a second on two cores, before it starts the raylet; and the autoscaler monitor has
+# nothing to scale on one machine.
+LEAN_SKIPPED_STEPS = ("start_api_server", "start_monitor")
+
+
+@contextlib.contextmanager
+def lean_local_head():
+    """While a private local Ray starts: skip the steps of LEAN_SKIPPED_STEPS. They are methods of Ray's
+    (private) node class, replaced by no-ops for this block only; a Ray without them starts unchanged."""
+    try:
+        from ray._private.node import Node
+    except ImportError:
+        Node = None
+    saved = {name: getattr(Node, name, None) for name in LEAN_SKIPPED_STEPS}
+    if Node is None or None in saved.values():
+        yield
+        return
+    for name in LEAN_SKIPPED_STEPS:
+        setattr(Node, name, lambda self, *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(Node, name, method)
 
 
 def stop_ray() -> None:

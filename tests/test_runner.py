@@ -39,3 +39,36 @@ def test_stop_ray_leaves_no_ray_process_and_kills_the_monitor_outright(tmp_path)
     # the monitor ignores SIGTERM: killed before ray.shutdown, which would wait a 1 s grace period for it
     assert out["monitor_alive"] is False and out["monitor_rc"] == -9
     assert out["initialized"] is False
+
+
+LEAN = """
+import json, psutil, ray
+from types import SimpleNamespace
+from ray._private.node import Node
+from raysim.runner import start_ray, stop_ray
+
+before = (Node.start_api_server, Node.start_monitor)
+cfg = SimpleNamespace(resources=SimpleNamespace(num_workers=1, cpus_per_worker=1))
+started = start_ray(None, cfg)
+processes = sorted(ray._private.worker._global_node.all_processes)
+square = ray.remote(lambda x: x * x)
+result = ray.get(square.remote(7))
+children = psutil.Process().children(recursive=True)
+stop_ray()
+gone, alive = psutil.wait_procs(children, timeout=20)
+print(json.dumps({"started": started, "processes": processes, "result": result, "alive": [p.pid for p in alive],
+                  "restored": (Node.start_api_server, Node.start_monitor) == before}))
+"""
+
+
+def test_a_private_local_ray_starts_without_dashboard_or_monitor_and_still_runs_tasks(tmp_path):
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", LEAN], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["started"] is True and out["result"] == 49
+    assert "dashboard" not in out["processes"] and "monitor" not in out["processes"]
+    assert {"gcs_server", "raylet"} <= set(out["processes"])
+    assert out["restored"] is True and out["alive"] == []                    # Ray's node class as it was

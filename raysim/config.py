@@ -228,7 +228,7 @@ def _union_tags() -> set[str]:
 
 def _member_label(part: str) -> bool:
     """Whether a location part names a union member rather than a key: float, literal['auto'], ..."""
-    return "[" in part or part in ("int", "float", "str", "bool", "none")
+    return "[" in part or part.startswith("constrained-") or part in ("int", "float", "str", "bool", "none")
 
 
 def _format_error(exc: ValidationError) -> str:

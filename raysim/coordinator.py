@@ -361,6 +361,10 @@ class CoordinatorImpl:
         """Restore a checkpoint; returns the round it was taken after."""
         return restore_coordinator(self, tensors, meta)
 
+    def cohort_calibrations(self) -> dict[int, dict]:
+        """Per worker, the cohort size `resources.cohort_size: auto` chose and what it measured."""
+        return self.pool.cohort_calibrations()
+
     def final_adapter(self, base_model_name: str) -> tuple[dict[str, bytes], dict[str, np.ndarray] | None]:
         """(PEFT adapter directory files, cumulative base delta per module or None)."""
         files = self.pool.call_live("export_adapter", self.aggregator.evaluation_factors(),

@@ -11,8 +11,9 @@ room). Before a worker gets work it is sent the base-delta log entries it has no
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,14 @@ class JobOutcome:
 def job_cost(job: ClientJob, batch_size: int) -> float:
     """Examples passed through the model: steps × rows per batch."""
     return float(job.steps * min(len(job.train_idx), batch_size))
+
+
+def task_cap(cohort_size: int | str, gpu: bool = False) -> int:
+    """Most clients per task: `resources.cohort_size`, or with `auto` the largest calibration candidate of the
+    device (each worker splits a task into cohorts of the size it measured fastest)."""
+    from raysim.engines.calibrate import candidates
+
+    return max(candidates(gpu)) if cohort_size == "auto" else int(cohort_size)
 
 
 def plan_tasks(jobs: list[ClientJob], engine: str, cohort_size: int, batch_size: int,
@@ -212,6 +221,19 @@ class WorkerPool:
                 self._replace_unresponsive()
         return self.call_first(method, *args, timeout_s=timeout_s)
 
+    def cohort_calibrations(self, timeout_s: float = 60.0) -> dict[int, dict]:
+        """Worker index -> what `resources.cohort_size: auto` measured there (workers that trained no cohort,
+        or did not answer in time, are left out)."""
+        slots = self.members.usable()
+        refs = [s.handle.cohort_calibration.remote() for s in slots]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out = {}
+        for slot, ref in zip(slots, refs):
+            with contextlib.suppress(RayActorError):
+                if ref in ready and (found := ray.get(ref)) is not None:
+                    out[slot.index] = found
+        return out
+
     def _replace_unresponsive(self) -> None:
         for slot in [s for s in self.members.usable() if not _responds(s.handle)]:
             self.members.replace(slot)
@@ -261,7 +283,8 @@ class WorkerPool:
     def _tasks(self, jobs: list[ClientJob]) -> list[list[ClientJob]]:
         res = self.spec.cfg.resources
         live = max(1, len(self.members.usable()))
-        return plan_tasks(jobs, res.engine, res.cohort_size, self.spec.cfg.train.batch_size, live)
+        cap = task_cap(res.cohort_size, gpu=self.spec.gpus > 0)
+        return plan_tasks(jobs, res.engine, cap, self.spec.cfg.train.batch_size, live)
 
     def run_jobs(self, jobs: list[ClientJob], deadline_s: float, max_retries: int,
                  kill_after_submit: bool = False) -> dict[int, JobOutcome]:

@@ -231,6 +231,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: "str | Path", *, address: str
             _export_adapter(session, writer, cfg, int(raw.num_labels))
         summary = writer.write_summary(cfg.to_yaml_dict(), {
             "status": "failed" if failure else "completed", "failure": failure, "data": _data_facts(session, partition),
+            **_cohort_calibration(session, cfg),
             "setup_s": clock.phases["data_s"] + clock.phases["ray_init_s"] + clock.phases["workers_ready_s"],
             "total_s": clock.elapsed(), "gpus_per_worker": session.spec.gpus,
             "run_dir": RunStorage.of(run_dir).uri(), "cluster": _cluster_info()})
@@ -249,6 +250,17 @@ def _data_facts(session: "Session", partition: dict[str, Any]) -> dict[str, Any]
     """What tokenisation cut, and for per-client data what the source holds (clients, held-out clients, ...)."""
     per_client = partition.get("per_client")
     return {**session.data_report, **({"per_client": per_client.describe()} if per_client is not None else {})}
+
+
+def _cohort_calibration(session: "Session", cfg: ExperimentConfig) -> dict[str, Any]:
+    """With `resources.cohort_size: auto` and the cohort engine: {"cohort_calibration": {worker: what it chose
+    and measured}}; else nothing."""
+    import ray
+
+    if cfg.resources.engine != "cohort" or cfg.resources.cohort_size != "auto":
+        return {}
+    found = ray.get(session.coordinator.cohort_calibrations.remote(), timeout=120)
+    return {"cohort_calibration": {str(k): v for k, v in sorted(found.items())}}
 
 
 def _cluster_info() -> dict[str, Any]:

@@ -268,7 +268,11 @@ class ResourcesConfig(_Strict):
     engine: Literal["peft", "cohort"] = Field("peft", description="`peft`: one client per task with Hugging "
                                               "Face PEFT; `cohort`: several clients trained together in one "
                                               "batched pass (faster for many small clients)")
-    cohort_size: int = Field(8, ge=1, description="most clients per cohort with engine: cohort")
+    cohort_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        8, description="most clients per cohort with engine: cohort; `auto`: each worker times cohorts of 1 "
+                       "(the PEFT path), 2, 4, 8, 16 (GPU: also 32, 64) clients on its first cohort and keeps the fastest "
+                       "(reported in summary.json as `cohort_calibration`; updates then match a fixed size "
+                       "up to float round-off)")
     worker_start_timeout_s: float = Field(300.0, gt=0, description="seconds a replacement worker (for one lost "
                                           "with its node, or hung) may take to start; if the cluster has no room "
                                           "for it by then the run goes on with fewer workers and asks again "

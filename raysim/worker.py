@@ -53,6 +53,7 @@ class ClientWorkerImpl:
         self.applied: list[tuple[int, dict]] = []        # base deltas folded in, for `_base_at`
         self.engine = None
         self.cohort = None
+        self.calibration = None                     # resources.cohort_size: auto, after the first cohort
 
     # -- setup ------------------------------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ class ClientWorkerImpl:
         stacked = [j for j in jobs if all(f.c is None for f in j.start.values())]
         results = [self._train_one(job) for job in tri]
         try:
-            return results + self._train_split(stacked)
+            return results + self._train_cohorts(stacked)
         except UnsupportedJob:
             return results + [self._train_one(j) for j in stacked]
 
@@ -196,6 +197,34 @@ class ClientWorkerImpl:
         if job.deadline is not None and time.time() >= job.deadline:
             return missed_deadline(job.client_id)
         return self.engine.train_client(job)
+
+    def _train_cohorts(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:
+        """The stackable jobs as one cohort, or with `resources.cohort_size: auto` in cohorts of the size this
+        worker measured fastest on its first cohort (raysim.engines.calibrate)."""
+        if self.cfg.resources.cohort_size != "auto" or not jobs:
+            return self._train_split(jobs)
+        import torch
+
+        from raysim.engines.calibrate import calibrate, candidates, chunks
+
+        if self.calibration is None:
+            gpu = self.device.type == "cuda"
+            self.calibration = calibrate(self._timed_cohort, jobs, candidates(gpu),
+                                         too_big=(torch.cuda.OutOfMemoryError,))
+        return [r for part in chunks(jobs, self.calibration.cohort_size) for r in self._train_split(part)]
+
+    def _timed_cohort(self, jobs: list[ClientJob]) -> None:
+        """One calibration call: train the cohort and wait for the device."""
+        import torch
+
+        self.cohort.train_cohort(jobs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def cohort_calibration(self) -> dict | None:
+        """What `resources.cohort_size: auto` measured (the chosen size, client-steps/s per size), or None."""
+        return None if self.calibration is None else self.calibration.as_dict()
 
     def _train_split(self, jobs: list[ClientJob]) -> list[ClientResult | ClientFailure]:
         """Train a cohort; on CUDA out-of-memory split it in halves and retry (never fatal to the run)."""

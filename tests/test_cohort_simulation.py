@@ -44,3 +44,25 @@ def test_cohort_engine_returns_frozen_factors_bit_for_bit(ray_local, tmp_path, t
     run_experiment(cfg, tmp_path, progress=False)
     rounds = pd.read_parquet(tmp_path / "rounds.parquet")
     assert list(rounds["round"]) == [1, 2] and (rounds["deviation_rel"] < 1e-6).all()
+
+
+def test_cohort_size_auto_calibrates_on_the_first_cohort_and_trains_like_the_peft_engine(ray_local, tmp_path,
+                                                                                       tiny_config):
+    """The timing calls' results are thrown away: the run equals the PEFT engine's, whatever size was chosen."""
+    frames, summaries = {}, {}
+    for engine, size in (("peft", 8), ("cohort", "auto")):
+        cfg = tiny_config(**{"federation.rounds": 2, "resources.engine": engine, "resources.cohort_size": size})
+        summaries[engine] = run_experiment(cfg, tmp_path / engine, progress=False)
+        frames[engine] = (pd.read_parquet(tmp_path / engine / "rounds.parquet"),
+                          pd.read_parquet(tmp_path / engine / "clients.parquet"))
+    (r_peft, c_peft), (r_coh, c_coh) = frames["peft"], frames["cohort"]
+    assert list(c_coh["client_id"]) == list(c_peft["client_id"])
+    pd.testing.assert_series_equal(c_coh["train_loss"], c_peft["train_loss"], rtol=1e-5)
+    pd.testing.assert_series_equal(r_coh["accuracy"], r_peft["accuracy"], rtol=1e-5)
+    calibration = summaries["cohort"]["cohort_calibration"]
+    assert calibration and set(calibration) <= {"0", "1"}                     # per worker that trained
+    for found in calibration.values():
+        rates = {int(k): v for k, v in found["client_steps_per_s"].items()}
+        assert 1 in rates and all(v > 0 for v in rates.values())
+        assert found["cohort_size"] == max(rates, key=rates.get)
+    assert "cohort_calibration" not in summaries["peft"]

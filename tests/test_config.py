@@ -22,6 +22,7 @@ def test_defaults_and_overrides_are_typed():
     assert cfg.lora.rank == 16 and cfg.aggregator.name == "fedex"
     assert cfg.data.partition.scheme == "iid"
     assert cfg.lora.target_modules == ["query", "key", "value"]
+    assert load_config(TINY, ["resources.cohort_size=auto"]).resources.cohort_size == "auto"
     tiers = load_config(TINY, ["aggregator.name=flora",
                                "lora.rank={scheme: tiers, ranks: [4, 16], fractions: [0.5, 0.5]}"])
     assert tiers.lora.max_rank() == 16
@@ -45,6 +46,8 @@ def test_resolved_config_round_trips():
     ("lora.rank={scheme: tiers, ranks: [4, 16], fractions: [0.5, 0.6]}", "sum to 1"),
     ("aggregator.lam=0.1", "aggregator.lam: unknown key"),
     ("lora.head_policy=personal", "lora.head_policy"),
+    ("resources.cohort_size=0", "resources.cohort_size: Input should be greater than or equal to 1"),
+    ("resources.cohort_size=fast", "resources.cohort_size: Input should be 'auto'"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

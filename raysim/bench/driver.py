@@ -69,7 +69,7 @@ def _in_process(workload: str, cfg, dev, ks: list[int], n_clients: int, min_time
     """Floor, PEFT and cohort-per-K throughput in this process (one thread on CPU)."""
     import torch
 
-    from raysim.bench.inprocess import Bench, measure_cohort, measure_floor, measure_peft
+    from raysim.bench.inprocess import Bench, calibrate_cohort, measure_cohort, measure_floor, measure_peft
 
     threads = torch.get_num_threads()
     if dev.type == "cpu":
@@ -86,6 +86,8 @@ def _in_process(workload: str, cfg, dev, ks: list[int], n_clients: int, min_time
         for k in ks:
             by_k[k] = measure_cohort(b, k, max(n_clients, k), min_time)
             log(f"[bench] cohort K={k:<4d}               {by_k[k]:10.1f} client-steps/s  ({by_k[k] / peft:.2f}x peft)")
+        calibration = calibrate_cohort(b)
+        log(f"[bench] cohort_size: auto chooses K={calibration.cohort_size}")
         del b
     finally:
         torch.set_num_threads(threads)
@@ -95,7 +97,7 @@ def _in_process(workload: str, cfg, dev, ks: list[int], n_clients: int, min_time
     return {"floor_client_steps_per_s": floor, "engines": {
         "peft": {"client_steps_per_s": peft},
         "cohort": {"client_steps_per_s": by_k[best_k], "best_k": best_k,
-                   "by_k": {str(k): v for k, v in by_k.items()},
+                   "by_k": {str(k): v for k, v in by_k.items()}, "calibration": calibration.as_dict(),
                    "speedup_vs_peft": {str(k): v / peft for k, v in by_k.items()}},
     }}
 
@@ -138,12 +140,15 @@ def _end_to_end(out: dict[str, Any], cfg, dev, engines: list[str], rounds: int, 
         out["startup_phases"] = phases
 
 
-def _in_process_rate(engines: dict[str, Any], engine: str, cohort_size: int) -> float:
+def _in_process_rate(engines: dict[str, Any], engine: str, cohort_size: int | str) -> float:
     """The in-process rate of the end-to-end engine: PEFT, or the cohort engine at the configured
-    cohort size (capped at the largest K measured; the best K when that one was not measured)."""
+    cohort size (`auto`: the calibrated one; capped at the largest K measured; the best K when that one was
+    not measured)."""
     if engine == "peft":
         return engines["peft"]["client_steps_per_s"]
     by_k = {int(k): v for k, v in engines["cohort"]["by_k"].items()}
+    if cohort_size == "auto":
+        cohort_size = engines["cohort"]["calibration"]["cohort_size"]
     return by_k.get(min(cohort_size, max(by_k)), engines["cohort"]["client_steps_per_s"])
 
 
@@ -175,6 +180,8 @@ def targets(out: dict[str, Any]) -> dict[str, Any]:
         t["cohort_ge_1.0x_peft_every_k"] = all(v >= peft for v in by_k.values())
         big = [v for k, v in by_k.items() if k >= 8]
         t["cohort_ge_1.1x_peft_k_ge_8"] = all(v >= 1.1 * peft for v in big) if big else None
+        calibrated = out["engines"]["cohort"].get("calibration", {}).get("cohort_size")
+        t["cohort_ge_1.1x_peft_at_calibrated_k"] = by_k[calibrated] >= 1.1 * peft if calibrated in by_k else None
         if "cohort" in e2e:
             t["round_time_le_1.0x_floor_per_worker"] = e2e["cohort"]["overhead_ratio"] <= 1.0
             t.update(_startup_targets(e2e["cohort"].get("startup_phases")))

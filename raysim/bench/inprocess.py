@@ -99,6 +99,18 @@ def measure_cohort(b: Bench, k: int, n_clients: int, min_time_s: float) -> float
     return timed(run, sum(j.steps for j in jobs), min_time_s)
 
 
+def calibrate_cohort(b: Bench):
+    """What `resources.cohort_size: auto` would choose here: raysim.engines.calibrate on a cohort engine
+    over enough of the workload's clients to fill the largest candidate."""
+    from raysim.engines.calibrate import calibrate, candidates
+    from raysim.engines.cohort import CohortEngine
+
+    engine = CohortEngine(b.model, b.data, b.settings(), task=b.task)
+    sizes = candidates(b.device.type == "cuda")
+    return calibrate(lambda jobs: (engine.train_cohort(jobs), b.sync()), b.jobs(max(sizes)), sizes,
+                     too_big=(b.torch.cuda.OutOfMemoryError,))
+
+
 def measure_floor(b: Bench, n_clients: int, min_time_s: float) -> float:
     """A plain PyTorch loop over the same client-steps: no engine, no Ray, no bookkeeping."""
     import contextlib

@@ -28,13 +28,18 @@ print(json.dumps({"alive": [p.pid for p in alive], "children": len(children), "m
 """
 
 
-def test_stop_ray_leaves_no_ray_process_and_kills_the_monitor_outright(tmp_path):
+def run_script(script: str, tmp_path) -> dict:
+    """Run `script` in a fresh Python (its own Ray) and return the JSON of its last output line."""
     env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
            "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", STOP], cwd=tmp_path, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_stop_ray_leaves_no_ray_process_and_kills_the_monitor_outright(tmp_path):
+    out = run_script(STOP, tmp_path)
     assert out["children"] >= 3 and out["alive"] == []        # raylet, GCS, monitor, ...: all gone
     # the monitor ignores SIGTERM: killed before ray.shutdown, which would wait a 1 s grace period for it
     assert out["monitor_alive"] is False and out["monitor_rc"] == -9
@@ -62,12 +67,7 @@ print(json.dumps({"started": started, "processes": processes, "result": result, 
 
 
 def test_a_private_local_ray_starts_without_dashboard_or_monitor_and_still_runs_tasks(tmp_path):
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT),
-           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", LEAN], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_script(LEAN, tmp_path)
     assert out["started"] is True and out["result"] == 49
     assert "dashboard" not in out["processes"] and "monitor" not in out["processes"]
     assert {"gcs_server", "raylet"} <= set(out["processes"])

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from raysim.engines.calibrate import CANDIDATES, GPU_CANDIDATES, calibrate, candidates, chunks
-from raysim.pool import plan_tasks, task_cap
+from raysim.engines.calibrate import CANDIDATES, calibrate, candidates, chunks
 
 
 @dataclass(frozen=True)
@@ -81,19 +80,6 @@ def test_a_size_that_runs_out_of_memory_ends_the_search():
         calibrate(lambda jobs: (_ for _ in ()).throw(OutOfMemory()), jobs, too_big=(OutOfMemory,))
 
 
-def test_chunks_and_the_pools_task_cap():
+def test_chunks():
     assert chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert chunks([1, 2], 1) == [[1], [2]]
-    assert task_cap("auto") == max(CANDIDATES) and task_cap(5) == 5
-    assert task_cap("auto", gpu=True) == max(GPU_CANDIDATES) == 64 and task_cap(5, gpu=True) == 5
-    tasks = plan_tasks([_job(i) for i in range(40)], "cohort", task_cap("auto"), batch_size=16, live_workers=2)
-    assert len(tasks) == 4 and sorted(len(t) for t in tasks) == [10, 10, 10, 10]
-
-
-def _job(cid: int):
-    import numpy as np
-
-    from raysim.engines.base import ClientJob
-
-    return ClientJob(client_id=cid, round=1, seed=cid, train_idx=np.arange(64), test_idx=None, start={}, head={},
-                     train=frozenset("ab"), steps=4)

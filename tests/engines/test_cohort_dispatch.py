@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from raysim.engines.base import ClientFailure, ClientFault, ClientJob, ClientResult
-from raysim.pool import plan_tasks
+from raysim.engines.calibrate import CANDIDATES, GPU_CANDIDATES
+from raysim.pool import plan_tasks, task_cap
 from raysim.worker import ClientWorkerImpl
 
 
@@ -122,6 +123,13 @@ def _tasks(engine: str, cohort_size: int, workers: int, jobs):
 def _sized_jobs(sizes):
     return [ClientJob(client_id=i, round=1, seed=i, train_idx=np.arange(n), test_idx=None, start={}, head={},
                       train=frozenset("ab"), steps=max(1, n // 16)) for i, n in enumerate(sizes)]
+
+
+def test_with_cohort_size_auto_tasks_hold_up_to_the_largest_calibration_candidate():
+    assert task_cap("auto") == max(CANDIDATES) and task_cap(5) == 5
+    assert task_cap("auto", gpu=True) == max(GPU_CANDIDATES) == 64 and task_cap(5, gpu=True) == 5
+    tasks = _tasks("cohort", task_cap("auto"), 2, _sized_jobs([64] * 40))
+    assert len(tasks) == 4 and sorted(len(t) for t in tasks) == [10, 10, 10, 10]
 
 
 def test_pool_groups_similar_clients_into_cohorts_for_every_worker():

@@ -6,8 +6,8 @@ state has one small owner: the aggregator (global adapter, its declared per-clie
 base version; bytes on the wire), `FaultInjector` (injected faults) and the `WorkerPool`.
 
 Rounds are pipelined: `run_round` returns as soon as the new aggregate exists, with the global
-evaluation and the deviation metric still running as Ray tasks (`RoundOutput.pending`); the driver
-resolves and writes them while this actor already runs the next round. All randomness comes from
+evaluation (on the workers) and the deviation metric (in this actor's metrics thread) still running
+(`RoundOutput.pending`); the driver resolves and writes them while this actor already runs the next round. All randomness comes from
 (seed, round, client), so the results equal those of a serial loop and of a resumed run.
 """
 
@@ -54,18 +54,17 @@ def blas_threads(cfg: ExperimentConfig) -> int:
     return max(1, int((os.cpu_count() or 1) - taken))
 
 
-def _deviation(per_module, new_global, base_delta, old_global, threads: int = 1) -> tuple[float, float, list[dict]]:
+def _deviation(per_module, new_global, base_delta, old_global) -> tuple[float, float, list[dict]]:
     """(deviation_rel, deviation_rel_round, one modules.parquet row per module without its round)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(threads):
-        rep = deviation(per_module, new_global, base_delta, old_global)
+    rep = deviation(per_module, new_global, base_delta, old_global)
     modules = [{"module": name, "deviation_rel": rel, "ideal_norm": rep.ideal_norms[name]}
                for name, rel in rep.per_module.items()]
     return rep.deviation_rel, rep.deviation_rel_round, modules
 
 
-deviation_task = ray.remote(num_cpus=0)(_deviation)
+# The deviation metric runs in this actor's own "metrics" thread (a Ray concurrency group) while the next round
+# runs in the main one: off the critical path without a process of its own (a Ray task would start one).
+METRICS_GROUP = "metrics"
 
 
 def _pairs(delta) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
@@ -241,9 +240,10 @@ class CoordinatorImpl:
         if due and agg.updates and agg.result.deviation_rel is None and not self.aggregator.personalized:
             updates = sorted(agg.updates, key=lambda u: u.client_id)      # order-independent round-off
             per_module = {name: [(u.weight, u.factors[name]) for u in updates] for name in updates[0].factors}
-            pending.deviation = deviation_task.remote(per_module, self.aggregator.global_factors,
-                                                      self.base_log.newest(rnd) if agg.result.base_delta else None,
-                                                      agg.old_global, blas_threads(self.cfg))
+            me = ray.get_runtime_context().current_actor
+            pending.deviation = me.deviation_metric.remote(per_module, self.aggregator.global_factors,
+                                                           self.base_log.newest(rnd) if agg.result.base_delta else None,
+                                                           agg.old_global)
         return pending
 
     def _evaluate_personal(self, rnd: int, agg: Aggregated, pending: Pending) -> None:
@@ -380,8 +380,13 @@ class CoordinatorImpl:
             delta[name] = delta.get(name, 0) + d.dense()
         return delta or None
 
+    @ray.method(concurrency_group=METRICS_GROUP)
+    def deviation_metric(self, per_module, new_global, base_delta, old_global) -> tuple[float, float, list[dict]]:
+        """`_deviation` in the metrics thread; it reads only its arguments (BLAS threads: as set in __init__)."""
+        return _deviation(per_module, new_global, base_delta, old_global)
+
     def shutdown(self) -> None:
         self.pool.shutdown()
 
 
-Coordinator = ray.remote(num_cpus=0, max_restarts=0)(CoordinatorImpl)
+Coordinator = ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={METRICS_GROUP: 1})(CoordinatorImpl)

@@ -1,5 +1,5 @@
 """Every module of the package imports on its own, the package has no import cycles, and `raysim run`
-checks its config and data without loading torch, peft or transformers on the driver."""
+checks its config and data without loading torch, peft, transformers or scipy on the driver."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "raysim"
-HEAVY = ("torch", "peft", "transformers")
+HEAVY = ("torch", "peft", "transformers", "scipy")
 
 
 def _modules() -> dict[str, Path]:
@@ -152,7 +152,7 @@ print(rc, " ".join(sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)))
 """
 
 
-def test_the_driver_checks_a_run_without_torch(tmp_path):
+def test_the_driver_checks_a_run_without_torch_or_scipy(tmp_path):
     """`raysim run` up to the data checks (config, overrides, aggregator, model name, ranks, data source)."""
     code = f"HEAVY = {HEAVY!r}\nimport sys; sys.argv[1:] = [{str(tmp_path)!r}]\n" + CONFIG_PATH
     proc = _run(code)

@@ -50,25 +50,33 @@ LEAN = """
 import json, psutil, ray
 from types import SimpleNamespace
 from ray._private.node import Node
+import ray._private.utils as ray_utils
 from raysim.runner import start_ray, stop_ray
 
-before = (Node.start_api_server, Node.start_monitor)
+def ray_names():
+    return (Node.start_api_server, Node.start_monitor, Node.start_log_monitor, ray_utils.get_dashboard_dependency_error)
+
+before = ray_names()
 cfg = SimpleNamespace(resources=SimpleNamespace(num_workers=1, cpus_per_worker=1))
 started = start_ray(None, cfg)
 processes = sorted(ray._private.worker._global_node.all_processes)
+raylet = [p for p in psutil.Process().children(recursive=True) if p.name() == "raylet"][0]
+agent = [a for a in raylet.cmdline() if a.startswith("--dashboard_agent_command=")][0]
 square = ray.remote(lambda x: x * x)
 result = ray.get(square.remote(7))
 children = psutil.Process().children(recursive=True)
 stop_ray()
 gone, alive = psutil.wait_procs(children, timeout=20)
 print(json.dumps({"started": started, "processes": processes, "result": result, "alive": [p.pid for p in alive],
-                  "restored": (Node.start_api_server, Node.start_monitor) == before}))
+                  "agent_minimal": "--minimal" in agent.split(), "restored": ray_names() == before}))
 """
 
 
-def test_a_private_local_ray_starts_without_dashboard_or_monitor_and_still_runs_tasks(tmp_path):
+def test_a_private_local_ray_starts_lean_and_still_runs_tasks(tmp_path):
     out = run_script(LEAN, tmp_path)
     assert out["started"] is True and out["result"] == 49
-    assert "dashboard" not in out["processes"] and "monitor" not in out["processes"]
+    # no dashboard, autoscaler monitor or (quiet run: nothing forwards worker output) log monitor
+    assert not {"dashboard", "monitor", "log_monitor"} & set(out["processes"])
     assert {"gcs_server", "raylet"} <= set(out["processes"])
+    assert out["agent_minimal"] is True                  # the raylet's dashboard agent runs without HTTP server
     assert out["restored"] is True and out["alive"] == []                    # Ray's node class as it was

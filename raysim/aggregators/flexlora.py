@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import scipy.linalg
-import scipy.sparse.linalg
 from pydantic import Field
 
 from raysim.aggregators.base import (AggregateResult, Aggregator, ClientPlan, ClientUpdate, MethodParams,
@@ -111,6 +109,9 @@ def top_eigenpairs(gram: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     Lanczos (ARPACK, converged to machine precision) touches the matrix only through products with
     vectors and costs about half of LAPACK's tridiagonal reduction at the orders of real adapters; its
     answer is kept only when `none_missed` proves it is the top r, else LAPACK's eigh is taken."""
+    import scipy.linalg                      # here, not at the top: config checks on the driver import this module
+    import scipy.sparse.linalg
+
     k = gram.shape[0]
     if k >= max(LANCZOS_MIN_ORDER, 2 * r + 2):
         start = np.random.default_rng(0).standard_normal(k)            # fixed: the same result on every run
@@ -132,6 +133,8 @@ def none_missed(gram: np.ndarray, lam: np.ndarray, vec: np.ndarray) -> bool:
     deflated, t·I − (gram − V·Λ·Vᵀ) must be positive definite (its Cholesky factorisation succeeds) for
     t = lam[-1] + 1e-9·lam[0]. An eigenvalue a Krylov method missed would remain above t; ties within
     1e-9·lam[0] of lam[-1] are equally good truncations."""
+    import scipy.linalg
+
     if not lam[0] > 0:
         return False
     rest = (vec * lam) @ vec.T

@@ -7,8 +7,9 @@ base version; bytes on the wire), `FaultInjector` (injected faults) and the `Wor
 
 Rounds are pipelined: `run_round` returns as soon as the new aggregate exists, with the global
 evaluation (on the workers) and the deviation metric (in this actor's metrics thread) still running
-(`RoundOutput.pending`); the driver resolves and writes them while this actor already runs the next round. All randomness comes from
-(seed, round, client), so the results equal those of a serial loop and of a resumed run.
+(`RoundOutput.pending`); the driver resolves and writes them while this actor already runs the next
+round. All randomness comes from (seed, round, client), so the results equal those of a serial loop and
+of a resumed run.
 """
 
 from __future__ import annotations
@@ -52,14 +53,6 @@ def blas_threads(cfg: ExperimentConfig) -> int:
 
     taken = cfg.resources.num_workers * cfg.resources.cpus_per_worker
     return max(1, int((os.cpu_count() or 1) - taken))
-
-
-def _deviation(per_module, new_global, base_delta, old_global) -> tuple[float, float, list[dict]]:
-    """(deviation_rel, deviation_rel_round, one modules.parquet row per module without its round)."""
-    rep = deviation(per_module, new_global, base_delta, old_global)
-    modules = [{"module": name, "deviation_rel": rel, "ideal_norm": rep.ideal_norms[name]}
-               for name, rel in rep.per_module.items()]
-    return rep.deviation_rel, rep.deviation_rel_round, modules
 
 
 # The deviation metric runs in this actor's own "metrics" thread (a Ray concurrency group) while the next round
@@ -382,8 +375,12 @@ class CoordinatorImpl:
 
     @ray.method(concurrency_group=METRICS_GROUP)
     def deviation_metric(self, per_module, new_global, base_delta, old_global) -> tuple[float, float, list[dict]]:
-        """`_deviation` in the metrics thread; it reads only its arguments (BLAS threads: as set in __init__)."""
-        return _deviation(per_module, new_global, base_delta, old_global)
+        """(deviation_rel, deviation_rel_round, one modules.parquet row per module without its round), in the
+        metrics thread; it reads only its arguments (BLAS threads: as set in __init__)."""
+        rep = deviation(per_module, new_global, base_delta, old_global)
+        modules = [{"module": name, "deviation_rel": rel, "ideal_norm": rep.ideal_norms[name]}
+                   for name, rel in rep.per_module.items()]
+        return rep.deviation_rel, rep.deviation_rel_round, modules
 
     def shutdown(self) -> None:
         self.pool.shutdown()
